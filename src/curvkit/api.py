@@ -1,0 +1,154 @@
+"""The front doors: ``hessian``, ``ggn``, ``fisher``, ``ef``.
+
+Every function computes C = ∂²L/∂θ² or a Gauss-Newton form C = s·Σₙ Jₙᵀ Mₙ Jₙ of the loss
+L = s·Σₙ ℓ(f(xₙ; θ), yₙ) over all of ``data``, w.r.t. the chosen parameters θ (see
+``parameter_slices`` for the coordinates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .curvature import _NAMES, CurvatureOperator
+from .data import DataSource
+from .engine.problem import Problem
+from .errors import CurvkitTypeError, CurvkitValueError
+from .losses import as_loss
+from .memory import check_dense
+from .params import resolve_params
+
+STRUCTURES = ("dense", "operator")
+
+
+def _check_mode(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
+            raise CurvkitValueError(
+                f"{name or 'the model'} ({type(mod).__name__}) is in training mode: every pass "
+                "would draw a new mask, so the curvature is of a random function. Call "
+                "model.eval() first."
+            )
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if mod.training or not mod.track_running_stats:
+                raise CurvkitValueError(
+                    f"{name or 'the model'} ({type(mod).__name__}) normalises with batch "
+                    "statistics, which couples the samples of a batch and changes with the "
+                    "batch split. Call model.eval() (it needs track_running_stats=True)."
+                )
+
+
+def _curvature(kind, model, loss_fn, data, *, params, structure, reduction, output_fn,
+               memory_limit, progress, mc_samples=1, generator=None):
+    if structure not in STRUCTURES:
+        raise CurvkitValueError(
+            f"unknown structure={structure!r}; choose one of {', '.join(map(repr, STRUCTURES))}."
+        )
+    layout = resolve_params(model, params)
+    dtypes = {t.dtype for t in layout.tensors}
+    devices = {t.device for t in layout.tensors}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise CurvkitValueError(
+            f"the chosen parameters mix dtypes {sorted(map(str, dtypes))} or devices "
+            f"{sorted(map(str, devices))}; move the model to one dtype and device (model.to(...))."
+        )
+    for name, t in zip(layout.names, layout.tensors):
+        if not bool(torch.isfinite(t).all()):
+            raise CurvkitValueError(
+                f"parameter {name!r} contains NaN or Inf; curvature there is undefined. "
+                "Check the training run that produced it."
+            )
+    _check_mode(model)
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise CurvkitValueError(f"mc_samples must be a positive int, got {mc_samples!r}.")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise CurvkitTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+    if output_fn is not None and not callable(output_fn):
+        raise CurvkitTypeError("output_fn must be a callable taking the model's raw output.")
+    loss = as_loss(loss_fn, reduction)
+    ref = layout.tensors[0]
+    source = DataSource(data, ref.device)
+    problem = Problem(
+        model, layout, loss, source, kind, output_fn=output_fn, progress=progress, mc_samples=mc_samples, generator=generator,
+        memory_limit=memory_limit,
+    )
+    if structure == "operator":
+        return CurvatureOperator(problem, kind)
+    check_dense(
+        _NAMES[kind], (layout.numel, layout.numel), ref.dtype, ref.device, memory_limit,
+        "Use structure='operator' for matrix-free products, or choose fewer parameters "
+        "with params= (e.g. the last layer).",
+    )
+    return problem.dense()
+
+
+_DOC_ARGS = """
+    Args:
+        model: any ``nn.Module`` in eval mode. Its output is the tensor it returns, a mapping's
+            ``"logits"`` entry, or an object's ``.logits``; override with ``output_fn``.
+        loss_fn: a torch loss module (its ``reduction`` decides sum vs mean) or a callable
+            ``(output, target) -> scalar`` separable over samples, taken as a sum unless
+            ``reduction="mean"``.
+        data: one batch ``(inputs, targets)`` or an iterable of them; ``inputs`` a tensor, a
+            tuple (positional) or a dict (keyword arguments). Several batches give the
+            curvature of the loss on their concatenation.
+        params: parameters to differentiate w.r.t. (default: all with ``requires_grad``);
+            coordinates follow their order, see ``parameter_slices``.
+        structure: ``"dense"`` (a (P, P) tensor) or ``"operator"`` (matrix-free).
+        memory_limit: bytes a dense result may take (default: 80% of available memory).
+        progress: show a progress bar over batches (default: only for several batches).
+"""
+
+
+def hessian(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
+            structure: str = "dense", reduction: str | None = None, output_fn=None,
+            memory_limit: int | None = None, progress: bool | None = None):
+    """The exact Hessian H = ∂²L/∂θ² of the loss over ``data``.
+
+    >>> import torch, curvkit as ck
+    >>> torch.manual_seed(0); model = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+    >>> ck.hessian(model, torch.nn.MSELoss(), (x, y)).shape
+    torch.Size([8, 8])
+    """
+    return _curvature("hessian", model, loss_fn, data, params=params, structure=structure,
+                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
+                      progress=progress)
+
+
+def ggn(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
+        structure: str = "dense", reduction: str | None = None, output_fn=None,
+        memory_limit: int | None = None, progress: bool | None = None):
+    """The generalized Gauss-Newton G = s·Σₙ Jₙᵀ (∂²ℓₙ/∂fₙ²) Jₙ, with Jₙ = ∂f(xₙ)/∂θ."""
+    return _curvature("ggn", model, loss_fn, data, params=params, structure=structure,
+                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
+                      progress=progress)
+
+
+def fisher(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
+           structure: str = "dense", reduction: str | None = None, output_fn=None,
+           memory_limit: int | None = None, progress: bool | None = None,
+           mc_samples: int = 1, generator: torch.Generator | None = None):
+    """The Monte-Carlo Fisher F = s·Σₙ (1/S) Σₛ gₙₛ gₙₛᵀ, gₙₛ = ∇θ ℓ(f(xₙ), ỹₙₛ), with the
+    targets ỹ drawn from the model's predictive (``mc_samples`` = S per sample; pass a
+    ``generator`` for reproducible draws). It averages to the GGN for the standard losses."""
+    return _curvature("fisher", model, loss_fn, data, params=params, structure=structure,
+                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
+                      progress=progress, mc_samples=mc_samples, generator=generator)
+
+
+def ef(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
+       structure: str = "dense", reduction: str | None = None, output_fn=None,
+       memory_limit: int | None = None, progress: bool | None = None):
+    """The empirical Fisher E = s·Σₙ ∇ℓₙ ∇ℓₙᵀ: Σₙ for a sum, (1/N)·Σₙ for a mean — the
+    same scale as the Hessian it stands in for."""
+    return _curvature("ef", model, loss_fn, data, params=params, structure=structure,
+                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
+                      progress=progress)
+
+
+for _f in (hessian, ggn, fisher, ef):
+    _f.__doc__ += _DOC_ARGS

@@ -1,0 +1,42 @@
+"""A curvature matrix kept as an operator: products, diagonal and dense form from the engine."""
+
+from __future__ import annotations
+
+import torch
+
+from .engine.problem import Problem
+from .memory import check_dense
+from .operators.base import LinearOperator
+
+_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher", "ef": "empirical Fisher"}
+
+
+class CurvatureOperator(LinearOperator):
+    """``C`` of a model's loss over its data, never materialised unless asked.
+
+    ``C @ V`` passes over the data once (one batched product per batch); ``diagonal()`` and
+    ``to_dense()`` use the engine's exact reductions, not P products. The MC Fisher draws its
+    samples once, on the first pass, and reuses them, so the operator is a fixed matrix (iterate
+    the data in a fixed order).
+    """
+
+    def __init__(self, problem: Problem, name: str):
+        self.problem, self.name = problem, name
+        self.shape = (problem.P, problem.P)
+        self.dtype, self.device = problem.dtype, problem.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.problem.matmat(V)
+
+    def to_dense(self) -> torch.Tensor:
+        check_dense(
+            _NAMES[self.name], self.shape, self.dtype, self.device, self.problem.memory_limit,
+            "Keep the operator and use products, diagonal() or trace().",
+        )
+        return self.problem.dense()
+
+    def diagonal(self) -> torch.Tensor:
+        return self.problem.diagonal()
+
+    def __repr__(self) -> str:
+        return f"CurvatureOperator({_NAMES[self.name]}, shape={self.shape}, dtype={self.dtype})"

@@ -1,0 +1,186 @@
+"""Turning what users pass as ``data`` into validated batches, and calling the model on them.
+
+``data`` is one batch ``(inputs, targets)`` or an iterable of such pairs (a ``DataLoader``).
+``inputs`` is a tensor, a tuple (passed positionally) or a dict (passed as keyword arguments,
+the HuggingFace convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .errors import CurvkitTypeError, CurvkitValueError
+
+_PAIR_HELP = (
+    "Pass data as one batch (inputs, targets) or as an iterable of such pairs "
+    "(e.g. a DataLoader over a TensorDataset(inputs, targets))."
+)
+
+
+@dataclass
+class Batch:
+    inputs: Any  # Tensor | tuple[Tensor, ...] | dict[str, Tensor]
+    targets: torch.Tensor
+    size: int
+    probe: Any = None  # set by the engine: (rule layers, activation numel) on this batch
+
+
+def _is_inputs(x: Any) -> bool:
+    if isinstance(x, torch.Tensor | Mapping):
+        return True
+    return isinstance(x, tuple) and all(isinstance(t, torch.Tensor) for t in x)
+
+
+def _is_single_batch(data: Any) -> bool:
+    return (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and isinstance(data[1], torch.Tensor)
+        and _is_inputs(data[0])
+    )
+
+
+def _map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return tuple(_map_tensors(v, fn) for v in x)
+    return x
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    _map_tensors(x, lambda t: out.append(t) or t)
+    return out
+
+
+def _validate(raw: Any, index: int, device: torch.device) -> Batch:
+    where = "data" if index < 0 else f"batch {index} of data"
+    if isinstance(raw, torch.Tensor):
+        raise CurvkitTypeError(
+            f"{where} is a single tensor of shape {tuple(raw.shape)}: inputs without targets. "
+            + _PAIR_HELP
+        )
+    if not isinstance(raw, tuple | list) or len(raw) != 2:
+        got = f"a {type(raw).__name__}" + (
+            f" of length {len(raw)}" if isinstance(raw, tuple | list) else ""
+        )
+        raise CurvkitTypeError(f"{where} is {got}, expected an (inputs, targets) pair. " + _PAIR_HELP)
+    inputs, targets = raw
+    if not isinstance(targets, torch.Tensor):
+        raise CurvkitTypeError(
+            f"the targets of {where} are a {type(targets).__name__}, expected a tensor. " + _PAIR_HELP
+        )
+    if targets.dim() == 0:
+        raise CurvkitValueError(
+            f"the targets of {where} are a 0-d tensor; expected a leading sample dimension (N, ...)."
+        )
+    n = targets.shape[0]
+    if n == 0:
+        raise CurvkitValueError(f"{where} is empty (0 samples). Remove empty batches.")
+    if isinstance(inputs, list):
+        inputs = tuple(inputs)
+    if not _is_inputs(inputs):
+        raise CurvkitTypeError(
+            f"the inputs of {where} are a {type(inputs).__name__}; expected a tensor, a tuple of "
+            "tensors (passed positionally) or a dict (passed as keyword arguments)."
+        )
+    for t in _tensors(inputs) + [targets]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "inputs" if t is not targets else "targets"
+            raise CurvkitValueError(
+                f"the {bad} of {where} contain NaN or Inf; curvature at such points is undefined. "
+                "Clean or mask the data first."
+            )
+    lead = [t.shape[0] for t in _tensors(inputs) if t.dim() > 0]
+    if lead and n not in lead:
+        raise CurvkitValueError(
+            f"{where} has {n} targets but its inputs have leading sizes {lead}; "
+            "inputs and targets must share the sample dimension."
+        )
+    move = lambda t: t.to(device)  # noqa: E731
+    return Batch(_map_tensors(inputs, move), targets.to(device), n)
+
+
+class DataSource:
+    """A re-iterable stream of validated batches."""
+
+    def __init__(self, data: Any, device: torch.device):
+        self.device = device
+        if _is_single_batch(data):
+            self.single = True
+            self._batches: Iterable[Any] = [data]
+        elif isinstance(data, torch.Tensor) or (
+            isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor)
+        ):
+            _validate(data, -1, device)  # raises the precise error
+            raise AssertionError  # pragma: no cover
+        elif isinstance(data, Iterable) and not isinstance(data, str | bytes | Mapping):
+            self.single = False
+            self._batches = data
+        else:
+            raise CurvkitTypeError(f"data is a {type(data).__name__}. " + _PAIR_HELP)
+
+    def __len__(self) -> int:
+        return len(self._batches)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        count = 0
+        for i, raw in enumerate(self._batches):
+            yield _validate(raw, -1 if self.single else i, self.device)
+            count += 1
+        if count == 0:
+            raise CurvkitValueError("data is empty: it yielded no batch. " + _PAIR_HELP)
+
+
+def pick_output(raw: Any, output_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+    """The tensor the loss sees: ``output_fn(raw)`` if given; else a tensor as is, a mapping's
+    ``"logits"`` entry, or an object's ``.logits`` attribute (the HuggingFace convention)."""
+    if output_fn is not None:
+        out = output_fn(raw)
+    elif isinstance(raw, torch.Tensor):
+        out = raw
+    elif isinstance(raw, Mapping) and "logits" in raw:
+        out = raw["logits"]
+    elif hasattr(raw, "logits"):
+        out = raw.logits
+    else:
+        raise CurvkitTypeError(
+            f"the model returned a {type(raw).__name__}, and curvkit does not know which part is "
+            "the prediction (it looks for a tensor, a mapping with 'logits', or an object with "
+            "'.logits'). Pass output_fn=, e.g. output_fn=lambda out: out[0]."
+        )
+    if not isinstance(out, torch.Tensor):
+        raise CurvkitTypeError(
+            f"the picked model output is a {type(out).__name__}, expected a tensor; "
+            "fix output_fn= so it returns the tensor the loss takes."
+        )
+    return out
+
+
+def call_model(
+    model: nn.Module,
+    inputs: Any,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> Any:
+    """``model(inputs)`` with tuple → positional and dict → keyword arguments, optionally with
+    some parameters replaced (``torch.func.functional_call``)."""
+    args: tuple = ()
+    kwargs: dict = {}
+    if isinstance(inputs, Mapping):
+        kwargs = dict(inputs)
+    elif isinstance(inputs, tuple):
+        args = inputs
+    else:
+        args = (inputs,)
+    if params is None:
+        return model(*args, **kwargs)
+    return functional_call(model, dict(params), args, kwargs)

@@ -1,0 +1,1 @@
+"""The curvature engine: functional forward passes, products, and dense/diagonal reductions."""

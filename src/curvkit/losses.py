@@ -1,0 +1,383 @@
+"""Losses as curvkit sees them: L = s · Σₙ ℓₙ(fₙ, yₙ).
+
+For every loss this module gives the per-sample sum Σₙ ℓₙ, the normaliser behind ``s`` (1 for a
+sum, the number of averaged elements or the total class weight for a mean — exactly torch's
+denominator on one concatenated batch), and the per-sample output-space matrices Mₙ that turn a
+Jacobian into a curvature, C = s · Σₙ Jₙᵀ Mₙ Jₙ:
+
+* ``hessian``: Mₙ = ∂²ℓₙ/∂fₙ² (closed forms for the standard losses, autodiff otherwise) → GGN;
+* ``ef``:      Mₙ = ∇ℓₙ ∇ℓₙᵀ                                                       → empirical Fisher;
+* ``fisher``:  Mₙ = (1/S) Σₛ ∇ℓₙ(ỹₛ) ∇ℓₙ(ỹₛ)ᵀ, ỹₛ drawn from the model's predictive → MC Fisher.
+
+Outputs are handled flattened per sample, fₙ ∈ ℝᶜ with C = prod(output.shape[1:]).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+from .errors import CurvkitTypeError, CurvkitValueError
+
+KINDS = ("ggn", "ef", "fisher")
+
+
+class Loss:
+    """Base: a loss ``(output, target) -> Σₙ ℓₙ`` with a reduction of ``"sum"`` or ``"mean"``."""
+
+    name = "loss"
+
+    def __init__(self, reduction: str):
+        self.reduction = reduction
+
+    # -- to override ---------------------------------------------------------------------------
+    def sum_loss(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def normalizer(self, tgt: torch.Tensor) -> float:
+        return float(tgt.shape[0])
+
+    def check(self, out: torch.Tensor, tgt: torch.Tensor) -> None:  # noqa: B027
+        """Raise a clear error when ``tgt`` does not fit ``out``."""
+
+    def _closed_form_hessian(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def sample_targets(self, out: torch.Tensor, tgt: torch.Tensor, gen) -> torch.Tensor:
+        raise CurvkitValueError(
+            f"the Monte-Carlo Fisher needs the model's predictive distribution, and curvkit does "
+            f"not know one for {self.name}. Use ck.ggn (the Fisher equals the GGN for "
+            "exponential-family losses) or ck.ef, or pass a torch loss such as "
+            "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or BCELoss."
+        )
+
+    # -- shared ----------------------------------------------------------------------------------
+    def _flat_fn(self, out: torch.Tensor, tgt: torch.Tensor) -> Callable:
+        shape = out.shape
+        return lambda o: self.sum_loss(o.reshape(shape), tgt)
+
+    def per_sample_grads(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(N, C): row n is ∇ℓₙ w.r.t. the flattened output of sample n."""
+        flat = out.detach().reshape(out.shape[0], -1)
+        return grad(self._flat_fn(out, tgt))(flat)
+
+    def output_hessian(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(N, C, C): ∂²ℓₙ/∂fₙ², closed form where known, else C batched HVPs."""
+        closed = self._closed_form_hessian(out.detach(), tgt)
+        if closed is not None:
+            return closed
+        flat = out.detach().reshape(out.shape[0], -1)
+        n, c = flat.shape
+        g = grad(self._flat_fn(out, tgt))
+        # Samples are independent, so one tangent e_c broadcast over all samples gives column c
+        # of every sample's Hessian at once.
+        eye = torch.eye(c, dtype=flat.dtype, device=flat.device)
+        cols = vmap(lambda e: jvp(g, (flat,), (e.expand(n, c),))[1])(eye)  # (C, N, C)
+        return cols.permute(1, 2, 0)
+
+    def output_matrix(self, kind: str, out, tgt, mc_samples: int = 1, generator=None):
+        """(N, C, C) per-sample Mₙ for ``kind`` in ('ggn', 'ef', 'fisher')."""
+        if kind == "ggn":
+            return self.output_hessian(out, tgt)
+        if kind == "ef":
+            g = self.per_sample_grads(out, tgt)
+            return g[:, :, None] * g[:, None, :]
+        factors = self.fisher_factors(out, tgt, mc_samples, generator)  # (N, C, S)
+        return factors @ factors.transpose(1, 2)
+
+    def fisher_factors(self, out, tgt, mc_samples: int, generator) -> torch.Tensor:
+        """(N, C, S): sampled gradients / √S, so that F̂ₙ = UₙUₙᵀ."""
+        cols = []
+        for _ in range(mc_samples):
+            y = self.sample_targets(out.detach(), tgt, generator)
+            cols.append(self.per_sample_grads(out, y))
+        return torch.stack(cols, dim=-1) / mc_samples**0.5
+
+
+def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
+    if out.shape != tgt.shape:
+        raise CurvkitValueError(
+            f"{name} needs targets shaped like the model output: output {tuple(out.shape)}, "
+            f"targets {tuple(tgt.shape)}. Reshape the targets (e.g. y.view_as(output)); curvkit "
+            "does not broadcast, since torch would silently average the wrong pairs."
+        )
+
+
+class CrossEntropy(Loss):
+    name = "CrossEntropyLoss"
+
+    def __init__(self, module: nn.CrossEntropyLoss):
+        super().__init__(module.reduction)
+        self.weight = module.weight
+        self.ignore_index = module.ignore_index
+        self.label_smoothing = module.label_smoothing
+
+    def sum_loss(self, out, tgt):
+        return F.cross_entropy(
+            out, tgt, weight=self.weight, ignore_index=self.ignore_index,
+            reduction="sum", label_smoothing=self.label_smoothing,
+        )
+
+    def _index_targets(self, tgt):
+        return not tgt.is_floating_point()
+
+    def normalizer(self, tgt):
+        if not self._index_targets(tgt):
+            return float(tgt.numel() // tgt.shape[1]) if tgt.dim() > 1 else 1.0
+        valid = tgt != self.ignore_index
+        if self.weight is None:
+            return float(valid.sum())
+        return float(self.weight[tgt[valid]].sum())
+
+    def check(self, out, tgt):
+        if out.dim() < 2:
+            raise CurvkitValueError(
+                f"CrossEntropyLoss needs outputs of shape (N, C, ...), got {tuple(out.shape)}."
+            )
+        if not self._index_targets(tgt):
+            _check_same_shape(self.name + " with class-probability targets", out, tgt)
+            return
+        want = (out.shape[0], *out.shape[2:])
+        if tuple(tgt.shape) != want:
+            raise CurvkitValueError(
+                f"CrossEntropyLoss with class-index targets needs targets of shape {want} for "
+                f"output {tuple(out.shape)}, got {tuple(tgt.shape)}."
+            )
+        valid = tgt[tgt != self.ignore_index]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= out.shape[1]):
+            raise CurvkitValueError(
+                f"CrossEntropyLoss targets must be class indices in [0, {out.shape[1] - 1}]"
+                f" (or ignore_index={self.ignore_index}); got values in "
+                f"[{int(valid.min())}, {int(valid.max())}]."
+            )
+
+    def _closed_form_hessian(self, out, tgt):
+        if out.dim() != 2 or not self._index_targets(tgt) or self.label_smoothing:
+            return None
+        p = out.softmax(dim=1)
+        h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        valid = tgt != self.ignore_index
+        k = valid.to(out.dtype)
+        if self.weight is not None:
+            k = k * self.weight[tgt.clamp(min=0).masked_fill(~valid, 0)]
+        return h * k[:, None, None]
+
+    def sample_targets(self, out, tgt, gen):
+        if not self._index_targets(tgt):
+            raise CurvkitValueError(
+                "the Monte-Carlo Fisher of CrossEntropyLoss is defined for class-index targets; "
+                "got class probabilities. Use ck.ggn (equal to the exact Fisher here)."
+            )
+        logits = out.movedim(1, -1).reshape(-1, out.shape[1])
+        y = torch.multinomial(logits.softmax(-1), 1, generator=gen).reshape(tgt.shape)
+        return torch.where(tgt == self.ignore_index, tgt, y)
+
+
+class NLL(CrossEntropy):
+    name = "NLLLoss"
+
+    def __init__(self, module: nn.NLLLoss):
+        Loss.__init__(self, module.reduction)
+        self.weight, self.ignore_index, self.label_smoothing = module.weight, module.ignore_index, 0
+
+    def sum_loss(self, out, tgt):
+        return F.nll_loss(out, tgt, weight=self.weight, ignore_index=self.ignore_index,
+                          reduction="sum")
+
+    def _closed_form_hessian(self, out, tgt):
+        return torch.zeros(out.shape[0], out[0].numel(), out[0].numel(), dtype=out.dtype,
+                           device=out.device)
+
+    def sample_targets(self, out, tgt, gen):
+        return super().sample_targets(out.exp().log_softmax(1), tgt, gen)
+
+
+class MSE(Loss):
+    name = "MSELoss"
+
+    def sum_loss(self, out, tgt):
+        return (out - tgt).square().sum()
+
+    def normalizer(self, tgt):
+        return float(tgt.numel())
+
+    def check(self, out, tgt):
+        _check_same_shape(self.name, out, tgt)
+
+    def _closed_form_hessian(self, out, tgt):
+        n, c = out.shape[0], out[0].numel()
+        eye = torch.eye(c, dtype=out.dtype, device=out.device)
+        return (2 * eye).expand(n, c, c)
+
+    def sample_targets(self, out, tgt, gen):
+        # ℓ = ‖f − y‖² is −log N(y | f, ½ I) up to a constant.
+        return out + torch.randn(out.shape, generator=gen, dtype=out.dtype,
+                                 device=out.device) * 0.5**0.5
+
+
+class BCEWithLogits(Loss):
+    name = "BCEWithLogitsLoss"
+
+    def __init__(self, module: nn.BCEWithLogitsLoss):
+        super().__init__(module.reduction)
+        self.weight, self.pos_weight = module.weight, module.pos_weight
+
+    def sum_loss(self, out, tgt):
+        return F.binary_cross_entropy_with_logits(
+            out, tgt, weight=self.weight, pos_weight=self.pos_weight, reduction="sum"
+        )
+
+    def normalizer(self, tgt):
+        return float(tgt.numel())
+
+    def check(self, out, tgt):
+        _check_same_shape(self.name, out, tgt)
+
+    def _closed_form_hessian(self, out, tgt):
+        if self.pos_weight is not None:
+            return None
+        s = out.sigmoid()
+        d = s * (1 - s)
+        if self.weight is not None:
+            d = d * self.weight.expand_as(d)
+        return torch.diag_embed(d.reshape(out.shape[0], -1))
+
+    def sample_targets(self, out, tgt, gen):
+        return torch.bernoulli(out.sigmoid(), generator=gen)
+
+
+class BCE(Loss):
+    name = "BCELoss"
+
+    def __init__(self, module: nn.BCELoss):
+        super().__init__(module.reduction)
+        self.weight = module.weight
+
+    def sum_loss(self, out, tgt):
+        return F.binary_cross_entropy(out, tgt, weight=self.weight, reduction="sum")
+
+    def normalizer(self, tgt):
+        return float(tgt.numel())
+
+    def check(self, out, tgt):
+        _check_same_shape(self.name, out, tgt)
+
+    def _closed_form_hessian(self, out, tgt):
+        d = tgt / out.square() + (1 - tgt) / (1 - out).square()
+        if self.weight is not None:
+            d = d * self.weight.expand_as(d)
+        return torch.diag_embed(d.reshape(out.shape[0], -1))
+
+    def sample_targets(self, out, tgt, gen):
+        return torch.bernoulli(out, generator=gen)
+
+
+class TorchLoss(Loss):
+    """Any other torch loss module with a ``reduction``: evaluated with ``reduction='sum'``;
+    its mean divides by the number of elements of the unreduced loss."""
+
+    def __init__(self, module: nn.Module):
+        red = module.reduction
+        super().__init__("mean" if red in ("mean", "batchmean") else red)
+        self.name = type(module).__name__
+        self._batchmean = red == "batchmean"
+        self._summed = copy.copy(module)
+        self._summed.reduction = "sum"
+
+    def sum_loss(self, out, tgt):
+        return self._summed(out, tgt)
+
+    def normalizer(self, tgt):
+        return float(tgt.shape[0] if self._batchmean else tgt.numel())
+
+
+class CallableLoss(Loss):
+    """A user callable ``(output, target) -> scalar``, separable over samples: a sum over
+    samples, or with ``reduction='mean'`` a mean over the batch's samples."""
+
+    def __init__(self, fn: Callable, reduction: str):
+        super().__init__(reduction)
+        self.fn = fn
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+        self._checked = False
+
+    def sum_loss(self, out, tgt):
+        value = self.fn(out, tgt)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CurvkitValueError(
+                f"the loss callable must return a scalar tensor (the batch's loss), got {got}. "
+                "Reduce it over samples, e.g. return per_sample.sum()."
+            )
+        value = value.reshape(())
+        return value * out.shape[0] if self.reduction == "mean" else value
+
+    def check(self, out, tgt):
+        if self._checked:
+            return
+        self._checked = True
+        with torch.no_grad():
+            self.sum_loss(out, tgt)  # raises unless the callable returns a scalar
+            if out.shape[0] < 2:
+                return
+            a, b = float(self.fn(out[:1], tgt[:1])), float(self.fn(out[1:2], tgt[1:2]))
+            two = float(self.fn(out[:2], tgt[:2]))
+        tol = 1e-4 * (abs(a) + abs(b)) + 1e-12
+        is_sum, is_mean = abs(two - (a + b)) <= tol, abs(two - (a + b) / 2) <= tol
+        if self.reduction == "sum" and is_mean and not is_sum:
+            raise CurvkitValueError(
+                "the loss callable averages over samples (its value on two samples is the mean of "
+                "their values), but a callable is taken as a sum. Pass reduction='mean' so the "
+                "curvature has the scale of your loss, or make the callable return a sum."
+            )
+        if self.reduction == "mean" and is_sum and not is_mean:
+            raise CurvkitValueError(
+                "reduction='mean' was passed, but the loss callable sums over samples. Drop "
+                "reduction='mean' (a callable is a sum by default) or make it return a mean."
+            )
+        if not (is_sum or is_mean):
+            raise CurvkitValueError(
+                "the loss callable is not separable over samples: its value on two samples is "
+                f"{two:.6g}, their separate values are {a:.6g} and {b:.6g}. curvkit needs "
+                "L = Σₙ ℓ(fₙ, yₙ) (or its mean)."
+            )
+
+
+_KNOWN = {
+    nn.CrossEntropyLoss: CrossEntropy,
+    nn.NLLLoss: NLL,
+    nn.MSELoss: MSE,
+    nn.BCEWithLogitsLoss: BCEWithLogits,
+    nn.BCELoss: BCE,
+}
+
+
+def as_loss(loss_fn, reduction: str | None) -> Loss:
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        if reduction is not None and reduction != loss_fn.reduction:
+            raise CurvkitValueError(
+                f"reduction={reduction!r} was passed, but the {type(loss_fn).__name__} module "
+                f"has reduction={loss_fn.reduction!r}; the module's own reduction decides. Drop "
+                "the keyword or build the loss with the reduction you want."
+            )
+        if loss_fn.reduction == "none":
+            raise CurvkitValueError(
+                f"{type(loss_fn).__name__}(reduction='none') returns one loss per element; "
+                "curvature is taken of a scalar. Use reduction='sum' or 'mean'."
+            )
+        cls = _KNOWN.get(type(loss_fn))
+        return MSE(loss_fn.reduction) if cls is MSE else (cls or TorchLoss)(loss_fn)
+    if not callable(loss_fn):
+        raise CurvkitTypeError(
+            f"loss_fn must be a torch loss module or a callable (output, target) -> scalar, got "
+            f"{type(loss_fn).__name__}."
+        )
+    reduction = "sum" if reduction is None else reduction
+    if reduction not in ("sum", "mean"):
+        raise CurvkitValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}.")
+    return CallableLoss(loss_fn, reduction)

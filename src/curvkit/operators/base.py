@@ -1,0 +1,147 @@
+"""The operator contract every curvature structure implements.
+
+A subclass gives ``shape``, ``dtype``, ``device`` and ``_matmat(V)`` for ``V`` of shape (n, k);
+everything else has a correct default built on ``_matmat`` and is overridden where the structure
+knows better (a diagonal's ``logdet``, a curvature's exact ``diagonal`` from its engine). Tags
+such as ``is_symmetric`` describe the operator; algorithms dispatch on them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CurvkitTypeError, CurvkitValueError
+
+
+class LinearOperator:
+    """A square ``(n, n)`` linear map applied by ``op @ v`` with ``v`` of shape (n,) or (n, k)."""
+
+    is_symmetric: bool = True
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- products --------------------------------------------------------------------------------
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            raise CurvkitTypeError(f"{type(self).__name__} @ v needs a tensor, got {type(v).__name__}.")
+        n = self.shape[1]
+        if v.dim() not in (1, 2) or v.shape[0] != n:
+            raise CurvkitValueError(
+                f"{type(self).__name__} of shape {self.shape} can multiply a vector ({n},) or a "
+                f"matrix ({n}, k); got {tuple(v.shape)}."
+            )
+        V = v.to(dtype=self.dtype, device=self.device)
+        out = self._matmat(V[:, None] if v.dim() == 1 else V)
+        return out[:, 0] if v.dim() == 1 else out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self @ v
+
+    def __mul__(self, alpha: float) -> LinearOperator:
+        return ScaledOperator(self, float(alpha))
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        if not isinstance(other, LinearOperator) or other.shape != self.shape:
+            raise CurvkitValueError("operators can only be added to operators of the same shape.")
+        return SumOperator(self, other)
+
+    # -- derived quantities (exact) --------------------------------------------------------------
+    def _columns(self, block: int = 256):
+        n = self.shape[1]
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            E = torch.zeros(n, stop - start, dtype=self.dtype, device=self.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            yield start, stop, self._matmat(E)
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        for start, stop, cols in self._columns():
+            out[:, start:stop] = cols
+        return out
+
+    def diagonal(self) -> torch.Tensor:
+        out = torch.empty(self.shape[0], dtype=self.dtype, device=self.device)
+        for start, stop, cols in self._columns():
+            out[start:stop] = cols[torch.arange(start, stop), torch.arange(stop - start)]
+        return out
+
+    def trace(self) -> torch.Tensor:
+        return self.diagonal().sum()
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out)."""
+        try:
+            import numpy as np
+            from scipy.sparse.linalg import LinearOperator as ScipyOp
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("to_scipy() needs scipy: pip install 'curvkit[scipy]'.") from e
+
+        def mm(x):
+            X = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+            Y = self @ (X.reshape(self.shape[1], -1))
+            Y = Y.reshape(x.shape) if np.ndim(x) == 1 else Y
+            return Y.detach().cpu().double().numpy()
+
+        return ScipyOp(self.shape, matvec=mm, rmatvec=mm, matmat=mm, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+class DenseOperator(LinearOperator):
+    """A materialised (n, n) matrix as an operator."""
+
+    def __init__(self, A: torch.Tensor, symmetric: bool = True):
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise CurvkitValueError(f"DenseOperator needs a square matrix, got {tuple(A.shape)}.")
+        self.A, self.is_symmetric = A, symmetric
+        self.shape, self.dtype, self.device = tuple(A.shape), A.dtype, A.device
+
+    def _matmat(self, V):
+        return self.A @ V
+
+    def to_dense(self):
+        return self.A.clone()
+
+    def diagonal(self):
+        return self.A.diagonal().clone()
+
+
+class ScaledOperator(LinearOperator):
+    def __init__(self, op: LinearOperator, alpha: float):
+        self.op, self.alpha = op, alpha
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.is_symmetric = op.is_symmetric
+
+    def _matmat(self, V):
+        return self.alpha * self.op._matmat(V)
+
+    def to_dense(self):
+        return self.alpha * self.op.to_dense()
+
+    def diagonal(self):
+        return self.alpha * self.op.diagonal()
+
+
+class SumOperator(LinearOperator):
+    def __init__(self, a: LinearOperator, b: LinearOperator):
+        self.a, self.b = a, b
+        self.shape, self.dtype, self.device = a.shape, a.dtype, a.device
+        self.is_symmetric = a.is_symmetric and b.is_symmetric
+
+    def _matmat(self, V):
+        return self.a._matmat(V) + self.b._matmat(V)
+
+    def to_dense(self):
+        return self.a.to_dense() + self.b.to_dense()
+
+    def diagonal(self):
+        return self.a.diagonal() + self.b.diagonal()

@@ -1,0 +1,107 @@
+"""Which parameters a curvature is taken with respect to, and their flat coordinates.
+
+Coordinates: the chosen parameters, each flattened row-major (``p.reshape(-1)``), concatenated
+in ``model.named_parameters()`` order, or in the order given by ``params=``. Parameters with
+``requires_grad=False`` are left out unless passed explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import CurvkitTypeError, CurvkitValueError
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """The chosen parameters and where each one lives in the flat vector."""
+
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return self.offsets[-1] + self.tensors[-1].numel() if self.tensors else 0
+
+    def slices(self) -> dict[str, slice]:
+        return {
+            n: slice(o, o + t.numel()) for n, t, o in zip(self.names, self.tensors, self.offsets)
+        }
+
+    def index_of(self, tensor: torch.Tensor) -> int | None:
+        for i, t in enumerate(self.tensors):
+            if t is tensor:
+                return i
+        return None
+
+    def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat ``(P, ...)`` tensor into a dict of parameter-shaped views ``(*shape, ...)``."""
+        extra = vec.shape[1:]
+        return {
+            n: vec[o : o + t.numel()].reshape(*t.shape, *extra)
+            for n, t, o in zip(self.names, self.tensors, self.offsets)
+        }
+
+
+def resolve_params(model: nn.Module, params: Iterable[torch.Tensor] | None = None) -> ParamLayout:
+    if not isinstance(model, nn.Module):
+        raise CurvkitTypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}. "
+            "Wrap a plain function in an nn.Module whose forward calls it."
+        )
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise CurvkitValueError(
+                "the model has no trainable parameters (all have requires_grad=False, or it has "
+                "none). Unfreeze the parameters you want the curvature of, or pass them as params=."
+            )
+    else:
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        by_id = {id(p): n for n, p in named}
+        chosen, seen = [], set()
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise CurvkitTypeError(
+                    f"params= must hold the model's parameter tensors; item {i} is a "
+                    f"{type(p).__name__}. Pass e.g. params=[model.fc.weight, model.fc.bias]."
+                )
+            if id(p) not in by_id:
+                raise CurvkitValueError(
+                    f"params= item {i} (shape {tuple(p.shape)}) is not a parameter of the model. "
+                    "Pass tensors taken from model.parameters(), not copies."
+                )
+            if id(p) in seen:
+                raise CurvkitValueError(f"params= lists parameter {by_id[id(p)]!r} twice.")
+            seen.add(id(p))
+            chosen.append((by_id[id(p)], p))
+        if not chosen:
+            raise CurvkitValueError("params= is empty; pass at least one parameter tensor.")
+    offsets, total = [], 0
+    for _, p in chosen:
+        offsets.append(total)
+        total += p.numel()
+    return ParamLayout(
+        names=tuple(n for n, _ in chosen),
+        tensors=tuple(p for _, p in chosen),
+        offsets=tuple(offsets),
+    )
+
+
+def parameter_slices(
+    model: nn.Module, params: Iterable[torch.Tensor] | None = None
+) -> dict[str, slice]:
+    """Map each chosen parameter's name to its slice of the flat coordinates.
+
+    >>> import torch, curvkit as ck
+    >>> ck.parameter_slices(torch.nn.Linear(3, 2))
+    {'weight': slice(0, 6, None), 'bias': slice(6, 8, None)}
+    """
+    return resolve_params(model, params).slices()
