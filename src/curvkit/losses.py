@@ -90,6 +90,25 @@ class Loss:
         factors = self.fisher_factors(out, tgt, mc_samples, generator)  # (N, C, S)
         return factors @ factors.transpose(1, 2)
 
+    def output_factor(self, kind: str, out, tgt, mc_samples: int = 1, generator=None):
+        """Factor form of Mₙ: (F (N, C, K), signs (N, K) or None) with Mₙ = Fₙ diag(signsₙ) Fₙᵀ.
+
+        Backpropagating the K columns of Fₙ instead of forming Mₙ is what structured
+        approximations (KFAC, diagonals) reduce; signs are None when every Mₙ is PSD."""
+        if kind == "ef":
+            return self.per_sample_grads(out, tgt)[:, :, None], None
+        if kind == "fisher":
+            return self.fisher_factors(out, tgt, mc_samples, generator), None
+        closed = self._closed_form_sqrt(out.detach(), tgt)
+        if closed is not None:
+            return closed, None
+        lam, U = torch.linalg.eigh(self.output_hessian(out, tgt))
+        signs = torch.sign(lam)
+        return U * lam.abs().sqrt()[:, None, :], (None if bool((signs >= 0).all()) else signs)
+
+    def _closed_form_sqrt(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor | None:
+        return None
+
     def fisher_factors(self, out, tgt, mc_samples: int, generator) -> torch.Tensor:
         """(N, C, S): sampled gradients / √S, so that F̂ₙ = UₙUₙᵀ."""
         cols = []
@@ -156,16 +175,31 @@ class CrossEntropy(Loss):
                 f"[{int(valid.min())}, {int(valid.max())}]."
             )
 
-    def _closed_form_hessian(self, out, tgt):
+    def _kappa(self, out, tgt) -> torch.Tensor | None:
+        """Per-sample weight κₙ with ∂²ℓₙ/∂fₙ² = κₙ (diag(p) − ppᵀ), where a closed form holds."""
         if out.dim() != 2 or not self._index_targets(tgt) or self.label_smoothing:
             return None
-        p = out.softmax(dim=1)
-        h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
         valid = tgt != self.ignore_index
         k = valid.to(out.dtype)
         if self.weight is not None:
-            k = k * self.weight[tgt.clamp(min=0).masked_fill(~valid, 0)]
-        return h * k[:, None, None]
+            k = k * self.weight[tgt.masked_fill(~valid, 0)]
+        return k
+
+    def _closed_form_hessian(self, out, tgt):
+        k = self._kappa(out, tgt)
+        if k is None:
+            return None
+        p = out.softmax(dim=1)
+        return (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) * k[:, None, None]
+
+    def _closed_form_sqrt(self, out, tgt):
+        k = self._kappa(out, tgt)
+        if k is None:
+            return None
+        # diag(p) − ppᵀ = (diag(√p) − p√pᵀ)(diag(√p) − √p pᵀ), since Σ p = 1.
+        p = out.softmax(dim=1)
+        sq = p.sqrt()
+        return (torch.diag_embed(sq) - p[:, :, None] * sq[:, None, :]) * k.sqrt()[:, None, None]
 
     def sample_targets(self, out, tgt, gen):
         if not self._index_targets(tgt):
@@ -213,6 +247,9 @@ class MSE(Loss):
         n, c = out.shape[0], out[0].numel()
         eye = torch.eye(c, dtype=out.dtype, device=out.device)
         return (2 * eye).expand(n, c, c)
+
+    def _closed_form_sqrt(self, out, tgt):
+        return self._closed_form_hessian(out, tgt) * 0.5**0.5
 
     def sample_targets(self, out, tgt, gen):
         # ℓ = ‖f − y‖² is −log N(y | f, ½ I) up to a constant.

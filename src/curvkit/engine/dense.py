@@ -64,7 +64,7 @@ def _eps_derivatives(fw: Forward, batch: Batch, layers: list[RuleLayer], kind: s
     onehot = _onehots(D, sizes, n, ref.dtype, ref.device)
     idx = torch.arange(D, device=ref.device)
     if kind != "hessian":
-        acts = f(eps0)[1]
+        acts = [a[:, 0] for a in f(eps0)[1]]
 
         def jcol(i):
             return jvp(lambda e: f(e)[0].reshape(n, -1), (eps0,), (onehot(i),))[1]
@@ -74,7 +74,7 @@ def _eps_derivatives(fw: Forward, batch: Batch, layers: list[RuleLayer], kind: s
 
     def loss_and_acts(eps):
         out, acts = f(eps)
-        return fw.loss.sum_loss(out, batch.targets), acts
+        return fw.loss.sum_loss(out, batch.targets), [a[:, 0] for a in acts]
 
     g = grad(loss_and_acts, has_aux=True)  # eps -> (δ list, acts)
     delta, acts = g(eps0)

@@ -15,12 +15,14 @@ other modules' parameters go through plain products instead (``products.py``).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import Batch, call_model, pick_output
@@ -38,27 +40,54 @@ class Segment:
 
 @dataclass
 class RuleLayer:
-    """A Linear layer handled by the ε trick: outputs d, augmented inputs A."""
+    """A Linear or ConvNd layer handled by the ε trick: d outputs (channels), A augmented
+    inputs per position (input features or patch size, plus 1 for a chosen bias)."""
 
-    module: nn.Linear
+    module: nn.Module
     d: int
+    in_size: int
     use_weight: bool
     use_bias: bool
     segments: list[Segment] = field(default_factory=list)
 
     @property
     def A(self) -> int:  # noqa: N802
-        return self.module.in_features * self.use_weight + self.use_bias
+        return self.in_size * self.use_weight + self.use_bias
 
     @property
     def numel(self) -> int:
         return self.d * self.A
 
-    def augment(self, a: torch.Tensor) -> torch.Tensor:
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.modules.conv._ConvNd)
+
+    def acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, R, A): the layer's augmented inputs at each of its R output positions."""
+        n = x.shape[0]
+        a = _patches(self.module, x) if self.is_conv else x.reshape(n, -1, x.shape[-1])
         parts = [a] if self.use_weight else []
         if self.use_bias:
-            parts.append(torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def positions_last(self, g: torch.Tensor) -> torch.Tensor:
+        """(K, N, *out) gradient w.r.t. the layer output -> (K, N, R, d)."""
+        if self.is_conv:
+            return g.flatten(3).transpose(2, 3)
+        return g.reshape(g.shape[0], g.shape[1], -1, self.d)
+
+
+def _patches(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """(N, R, C_in·prod(k)) patches, ordered like ``conv.weight[o].reshape(-1)``: a convolution
+    with an identity kernel, so it works for 1-, 2- and 3-d convolutions alike."""
+    k = conv.kernel_size
+    c = conv.in_channels
+    size = c * math.prod(k)
+    eye = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, c, *k)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(k)]
+    p = fn(x, eye, None, conv.stride, conv.padding, conv.dilation)
+    return p.flatten(2).transpose(1, 2)
 
 
 def _owners(model: nn.Module) -> dict[int, int]:
@@ -70,8 +99,18 @@ def _owners(model: nn.Module) -> dict[int, int]:
     return count
 
 
+def _candidate(mod: nn.Module) -> tuple[int, int] | None:
+    """(d, in_size) for a module type with a rule, else None."""
+    if type(mod) is nn.Linear:
+        return mod.out_features, mod.in_features
+    if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if mod.groups == 1 and mod.padding_mode == "zeros":
+            return mod.out_channels, mod.in_channels * math.prod(mod.kernel_size)
+    return None
+
+
 class Forward:
-    """Calls the model functionally and knows which Linear layers take the ε trick."""
+    """Calls the model functionally and knows which layers take the ε trick."""
 
     def __init__(self, model: nn.Module, layout: ParamLayout, loss: Loss, output_fn):
         self.model, self.layout, self.loss, self.output_fn = model, layout, loss, output_fn
@@ -79,7 +118,8 @@ class Forward:
         owners = _owners(model)
         self._candidates: list[RuleLayer] = []
         for mod in model.modules():
-            if type(mod) is not nn.Linear:
+            sizes = _candidate(mod)
+            if sizes is None:
                 continue
             w, b = mod.weight, mod.bias
             iw, ib = layout.index_of(w), (layout.index_of(b) if b is not None else None)
@@ -87,11 +127,11 @@ class Forward:
                 continue
             if owners[id(w)] > 1 or (b is not None and owners[id(b)] > 1):
                 continue  # tied weight: its curvature sums over uses, left to the products
-            layer = RuleLayer(mod, mod.out_features, iw is not None, ib is not None)
+            layer = RuleLayer(mod, *sizes, iw is not None, ib is not None)
             if iw is not None:
-                layer.segments.append(Segment(slice(0, mod.in_features), layout.offsets[iw]))
+                layer.segments.append(Segment(slice(0, layer.in_size), layout.offsets[iw]))
             if ib is not None:
-                start = mod.in_features * layer.use_weight
+                start = layer.in_size * layer.use_weight
                 layer.segments.append(Segment(slice(start, start + 1), layout.offsets[ib]))
             self._candidates.append(layer)
 
@@ -104,22 +144,45 @@ class Forward:
         return out
 
     # -- the ε trick -----------------------------------------------------------------------------
-    def rule_layers(self, batch: Batch) -> list[RuleLayer]:
-        """The candidate layers that, on this batch, are called once on an (N, in) input."""
-        return self._probe(batch)[0]
+    def rule_layers(self, batch: Batch, structured: bool = False) -> list[RuleLayer]:
+        """Layers with a rule on this batch, each called once on batched input. Dense blocks
+        need Linear layers on (N, in) inputs; structured reductions take any positions."""
+        calls, _ = self._probe(batch)
+        keep = []
+        for c in self._candidates:
+            shapes = calls.get(id(c.module), [])
+            if len(shapes) != 1:
+                continue
+            (ins, outs) = shapes[0]
+            if structured:
+                ok = ins[0] == batch.size and (
+                    ins[-1] == c.in_size if not c.is_conv else len(ins) == c.module.weight.dim()
+                )
+            else:
+                ok = not c.is_conv and ins == (batch.size, c.in_size)
+            if ok:
+                keep.append(c)
+        return keep
+
+    def output_shapes(self, batch: Batch, layers: list[RuleLayer]) -> list[tuple[int, ...]]:
+        calls, _ = self._probe(batch)
+        return [calls[id(l.module)][0][1] for l in layers]
 
     def activation_numel(self, batch: Batch) -> int:
         """Elements of all leaf modules' outputs in one forward pass of the batch."""
         return self._probe(batch)[1]
 
-    def _probe(self, batch: Batch) -> tuple[list[RuleLayer], int]:
+    def _probe(self, batch: Batch) -> tuple[dict, int]:
         if batch.probe is not None:
             return batch.probe
         calls: dict[int, list] = defaultdict(list)
         numel = [0]
 
         def record(mod, args, out):
-            calls[id(mod)].append(tuple(args[0].shape) if args else None)
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                calls[id(mod)].append((tuple(args[0].shape), tuple(out.shape)))
+            else:
+                calls[id(mod)].append(((), ()))
             if isinstance(out, torch.Tensor):
                 numel[0] += out.numel()
 
@@ -131,19 +194,14 @@ class Forward:
         finally:
             for h in handles:
                 h.remove()
-        keep = []
-        for c in self._candidates:
-            shapes = calls.get(id(c.module), [])
-            if len(shapes) == 1 and shapes[0] == (batch.size, c.module.in_features):
-                keep.append(c)
-        batch.probe = (keep, numel[0] + out.numel())
+        batch.probe = (dict(calls), numel[0] + out.numel())
         return batch.probe
 
     @contextmanager
     def _inject(self, layers: list[RuleLayer], holder: dict):
         def make_hook(i: int, layer: RuleLayer) -> Callable:
             def hook(mod, args, out):
-                holder["acts"][i] = layer.augment(args[0])
+                holder["acts"][i] = layer.acts(args[0])
                 eps = holder["eps"]
                 return out if eps is None else out + eps[i]
 
@@ -157,15 +215,15 @@ class Forward:
                 h.remove()
 
     def perturbed(self, batch: Batch, layers: list[RuleLayer]):
-        """``f(eps) -> (output (N, C), acts)``: the model with εₗ added to layer l's output, and
-        the layers' augmented inputs. Parameters are held fixed."""
+        """``f(eps) -> (output, acts)``: the model with εₗ added to layer l's output, and the
+        layers' augmented inputs (N, R, A). Parameters are held fixed."""
         holder: dict = {"eps": None, "acts": [None] * len(layers)}
 
         def f(eps: list[torch.Tensor]):
             holder["eps"], holder["acts"] = eps, [None] * len(layers)
             with self._inject(layers, holder):
                 out = self.output(batch)
-            return out.reshape(batch.size, -1), list(holder["acts"])
+            return out, list(holder["acts"])
 
         return f
 
