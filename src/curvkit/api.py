@@ -15,13 +15,14 @@ from torch import nn
 
 from .curvature import _NAMES, CurvatureOperator
 from .data import DataSource
+from .engine.build import build
 from .engine.problem import Problem
 from .errors import CurvkitTypeError, CurvkitValueError
 from .losses import as_loss
 from .memory import check_dense
 from .params import resolve_params
 
-STRUCTURES = ("dense", "operator")
+STRUCTURES = ("dense", "operator", "diag", "kron", "ekfac", "block")
 
 
 def _check_mode(model: nn.Module) -> None:
@@ -42,7 +43,7 @@ def _check_mode(model: nn.Module) -> None:
 
 
 def _curvature(kind, model, loss_fn, data, *, params, structure, reduction, output_fn,
-               memory_limit, progress, mc_samples=1, generator=None):
+               memory_limit, progress, mc_samples=1, generator=None, kfac="expand"):
     if structure not in STRUCTURES:
         raise CurvkitValueError(
             f"unknown structure={structure!r}; choose one of {', '.join(map(repr, STRUCTURES))}."
@@ -77,6 +78,8 @@ def _curvature(kind, model, loss_fn, data, *, params, structure, reduction, outp
     )
     if structure == "operator":
         return CurvatureOperator(problem, kind)
+    if structure != "dense":
+        return build(problem, structure, kfac)
     check_dense(
         _NAMES[kind], (layout.numel, layout.numel), ref.dtype, ref.device, memory_limit,
         "Use structure='operator' for matrix-free products, or choose fewer parameters "
@@ -97,7 +100,10 @@ _DOC_ARGS = """
             curvature of the loss on their concatenation.
         params: parameters to differentiate w.r.t. (default: all with ``requires_grad``);
             coordinates follow their order, see ``parameter_slices``.
-        structure: ``"dense"`` (a (P, P) tensor) or ``"operator"`` (matrix-free).
+        structure: ``"dense"`` (a (P, P) tensor), ``"operator"`` (matrix-free, exact), or a
+            block-diagonal operator: ``"diag"`` (exact diagonal), ``"block"`` (exact dense
+            block per layer/module), ``"kron"`` (KFAC) or ``"ekfac"`` (Gauss-Newton kinds only).
+        kfac: weight sharing in KFAC (``"expand"`` or ``"reduce"``, Eschenhagen et al. 2023).
         memory_limit: bytes a dense result may take (default: 80% of available memory).
         progress: show a progress bar over batches (default: only for several batches).
 """
@@ -121,33 +127,33 @@ def hessian(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable 
 
 def ggn(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
         structure: str = "dense", reduction: str | None = None, output_fn=None,
-        memory_limit: int | None = None, progress: bool | None = None):
+        memory_limit: int | None = None, progress: bool | None = None, kfac: str = "expand"):
     """The generalized Gauss-Newton G = s·Σₙ Jₙᵀ (∂²ℓₙ/∂fₙ²) Jₙ, with Jₙ = ∂f(xₙ)/∂θ."""
     return _curvature("ggn", model, loss_fn, data, params=params, structure=structure,
                       reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
-                      progress=progress)
+                      progress=progress, kfac=kfac)
 
 
 def fisher(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
            structure: str = "dense", reduction: str | None = None, output_fn=None,
            memory_limit: int | None = None, progress: bool | None = None,
-           mc_samples: int = 1, generator: torch.Generator | None = None):
+           mc_samples: int = 1, generator: torch.Generator | None = None, kfac: str = "expand"):
     """The Monte-Carlo Fisher F = s·Σₙ (1/S) Σₛ gₙₛ gₙₛᵀ, gₙₛ = ∇θ ℓ(f(xₙ), ỹₙₛ), with the
     targets ỹ drawn from the model's predictive (``mc_samples`` = S per sample; pass a
     ``generator`` for reproducible draws). It averages to the GGN for the standard losses."""
     return _curvature("fisher", model, loss_fn, data, params=params, structure=structure,
                       reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
-                      progress=progress, mc_samples=mc_samples, generator=generator)
+                      progress=progress, mc_samples=mc_samples, generator=generator, kfac=kfac)
 
 
 def ef(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
        structure: str = "dense", reduction: str | None = None, output_fn=None,
-       memory_limit: int | None = None, progress: bool | None = None):
+       memory_limit: int | None = None, progress: bool | None = None, kfac: str = "expand"):
     """The empirical Fisher E = s·Σₙ ∇ℓₙ ∇ℓₙᵀ: Σₙ for a sum, (1/N)·Σₙ for a mean — the
     same scale as the Hessian it stands in for."""
     return _curvature("ef", model, loss_fn, data, params=params, structure=structure,
                       reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
-                      progress=progress)
+                      progress=progress, kfac=kfac)
 
 
 for _f in (hessian, ggn, fisher, ef):

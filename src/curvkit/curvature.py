@@ -36,7 +36,11 @@ class CurvatureOperator(LinearOperator):
         return self.problem.dense()
 
     def diagonal(self) -> torch.Tensor:
-        return self.problem.diagonal()
+        if self.problem.kind == "hessian":
+            return self.problem.diagonal()
+        from .engine.build import build
+
+        return build(self.problem, "diag").diagonal()
 
     def __repr__(self) -> str:
         return f"CurvatureOperator({_NAMES[self.name]}, shape={self.shape}, dtype={self.dtype})"

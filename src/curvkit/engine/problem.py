@@ -53,8 +53,8 @@ class Problem:
             it = tqdm(it, total=total, desc=f"curvkit {desc}", leave=False)
         return enumerate(it)
 
-    def _output_matrix(self, i: int, batch: Batch) -> tuple[torch.Tensor | None, float]:
-        """Check the batch against the loss; return its Mₙ (None for the Hessian) and normaliser."""
+    def _prepare(self, i: int, batch: Batch, factor: bool):
+        """Check the batch against the loss; return (Mₙ or (Fₙ, σₙ) or None, normaliser)."""
         with torch.no_grad():
             out = self.forward.output(batch)
         self.loss.check(out, batch.targets)
@@ -62,11 +62,14 @@ class Problem:
         if self.kind == "hessian":
             return None, norm
         if self.kind == "fisher":
-            if i not in self._fisher_cache:
-                self._fisher_cache[i] = self.loss.output_matrix(
-                    "fisher", out, batch.targets, self.mc_samples, self.generator
+            if i not in self._fisher_cache:  # drawn once, so the matrix stays fixed
+                self._fisher_cache[i] = self.loss.fisher_factors(
+                    out, batch.targets, self.mc_samples, self.generator
                 )
-            return self._fisher_cache[i], norm
+            F = self._fisher_cache[i]
+            return ((F, None) if factor else F @ F.transpose(1, 2)), norm
+        if factor:
+            return self.loss.output_factor(self.kind, out, batch.targets), norm
         return self.loss.output_matrix(self.kind, out, batch.targets), norm
 
     def _scale(self, total_norm: float) -> float:
@@ -87,11 +90,13 @@ class Problem:
         per_column = self.P * item * 4 + per_tangent
         return max(1, budget // per_tangent), max(1, min(4096, budget // per_column))
 
-    def _run(self, desc: str, body: Callable[[Batch, torch.Tensor | None, tuple], None]) -> float:
+    def _run(self, desc: str, body: Callable[[Batch, object, tuple], None],
+             factor: bool = False) -> float:
+        """Visit every batch: body(batch, Mₙ or (Fₙ, σₙ), chunk sizes); return the scale s."""
         total_norm = 0.0
         with torch.no_grad():
             for i, batch in self._batches(desc):
-                M, norm = self._output_matrix(i, batch)
+                M, norm = self._prepare(i, batch, factor)
                 total_norm += norm
                 body(batch, M, self._chunks(batch))
         return self._scale(total_norm)

@@ -1,0 +1,167 @@
+"""Building block-diagonal operators (KFAC, EKFAC, diagonal, per-layer blocks) from the pairs.
+
+Rule layers (Linear, ConvNd) get Kronecker, diagonal or dense blocks from ``structured.py``;
+parameters of any other module get an exact per-module dense block (or, past ``MAX_FALLBACK``
+coordinates, an exact diagonal) from per-sample rows — never an error. ``op.labels`` says which.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ..errors import CurvkitValueError
+from ..operators.blocks import DenseBlock, DiagBlock, KronBlock
+from ..operators.structured import BlockDiagonalOperator
+from . import structured as red
+from .pairs import backprop, fallback_rows
+from .problem import Problem
+
+MAX_FALLBACK = 4096  # largest per-module dense block kept exact for kron / ekfac
+
+
+def _fallback_groups(problem: Problem, covered_names: set[str]) -> OrderedDict:
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for name in problem.layout.names:
+        if name not in covered_names:
+            groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return groups
+
+
+def _names_of(layers, layout) -> set[str]:
+    out = set()
+    for l in layers:
+        for t in (l.module.weight, l.module.bias):
+            i = layout.index_of(t) if t is not None else None
+            if i is not None:
+                out.add(layout.names[i])
+    return out
+
+
+def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockDiagonalOperator:
+    if problem.kind == "hessian" and structure in ("kron", "ekfac"):
+        raise CurvkitValueError(
+            f"structure={structure!r} factors a Gauss-Newton matrix (Σ Jᵀ M J); the Hessian has "
+            "no such factorisation. Use ck.ggn(..., structure='kron') (or ck.fisher / ck.ef), "
+            "or structure='diag' / 'block' / 'operator' for the Hessian."
+        )
+    if kfac_mode not in ("expand", "reduce"):
+        raise CurvkitValueError(f"kfac= must be 'expand' or 'reduce', got {kfac_mode!r}.")
+    if problem.kind == "hessian":
+        return _hessian_structure(problem, structure)
+    fw, layout = problem.forward, problem.layout
+    state: dict = {"layers": None, "stats": {}, "fb": {}, "groups": None}
+    per_layer = "kron" if structure == "ekfac" else structure
+
+    def body(batch, factor, chunks):
+        F, signs = factor
+        layers = fw.rule_layers(batch, structured=True)
+        if state["layers"] is None:
+            state["layers"] = layers
+            state["groups"] = _fallback_groups(problem, _names_of(layers, layout))
+        elif [id(l) for l in layers] != [id(l) for l in state["layers"]]:
+            raise CurvkitValueError(
+                "the layers curvkit can factor changed between batches (a layer was called a "
+                "different number of times or on differently shaped inputs). Keep forward() "
+                "the same for every batch."
+            )
+        if layers:
+            acts, grads = backprop(fw, batch, layers, F)
+            for l, a, g in zip(layers, acts, grads):
+                _accumulate(state["stats"], id(l), _layer_stat(per_layer, a, g, signs, kfac_mode))
+        for gname, names in state["groups"].items():
+            rows = _signed_rows(fallback_rows(fw, batch, F, names, chunks[0]), signs)
+            _accumulate(state["fb"], gname, _fallback_stat(structure, rows))
+
+    scale = problem._run(structure, body, factor=True)
+    layers = state["layers"] or []
+    if structure == "ekfac":
+        bases = {}
+        for l in layers:
+            B, A, count = state["stats"][id(l)]
+            bases[id(l)] = (torch.linalg.eigh(B)[1], torch.linalg.eigh(A)[1])
+        lam: dict = {}
+
+        def second(batch, factor, chunks):
+            F, signs = factor
+            acts, grads = backprop(fw, batch, layers, F)
+            for l, a, g in zip(layers, acts, grads):
+                _accumulate(lam, id(l), (red.ekfac_eigenvalues(a, g, signs, *bases[id(l)]),))
+
+        if layers:
+            problem._run("ekfac eigenvalues", second, factor=True)
+    blocks, index, labels = [], [], []
+    for l in layers:
+        st = state["stats"][id(l)]
+        if structure == "kron":
+            B, A, count = st
+            blocks.append(KronBlock.from_factors(B * (scale / count), A))
+        elif structure == "ekfac":
+            UB, UA = bases[id(l)]
+            blocks.append(KronBlock(UB, UA, lam[id(l)][0] * scale))
+        elif structure == "diag":
+            blocks.append(DiagBlock(st[0].reshape(-1) * scale))
+        else:
+            blocks.append(DenseBlock(st[0] * scale))
+        index.append(red.layer_index(l, problem.device))
+        labels.append(f"{type(l.module).__name__} ({structure})")
+    for gname, names in (state["groups"] or {}).items():
+        st = state["fb"][gname][0]
+        blocks.append(DenseBlock(st * scale) if st.dim() == 2 else DiagBlock(st * scale))
+        index.append(_group_index(layout, names, problem.device))
+        labels.append(f"{gname} ({'exact dense block' if st.dim() == 2 else 'exact diagonal'})")
+    return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
+
+
+def _layer_stat(structure, a, g, signs, mode):
+    if structure == "kron":
+        return red.kfac_factors(a, g, signs, mode)
+    if structure == "diag":
+        return (red.diag(a, g, signs),)
+    return (red.block(a, g, signs),)
+
+
+def _signed_rows(rows, signs):
+    return rows, (rows if signs is None else rows * signs[:, :, None])
+
+
+def _fallback_stat(structure, rows_pair):
+    rows, srows = rows_pair
+    P = rows.shape[-1]
+    if structure == "diag" or (structure != "block" and P > MAX_FALLBACK):
+        return ((rows * srows).sum((0, 1)),)
+    return (srows.reshape(-1, P).T @ rows.reshape(-1, P),)
+
+
+def _accumulate(store: dict, key, stat: tuple) -> None:
+    if key not in store:
+        store[key] = list(stat)
+        return
+    acc = store[key]
+    for i, v in enumerate(stat):
+        acc[i] = acc[i] + v
+
+
+def _group_index(layout, names, device) -> torch.Tensor:
+    sl = layout.slices()
+    return torch.cat([torch.arange(sl[n].start, sl[n].stop, device=device) for n in names])
+
+
+def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperator:
+    """Hessian 'diag' (exact, engine reduction) and 'block' (exact per-module blocks)."""
+    layout, device = problem.layout, problem.device
+    if structure == "diag":
+        return BlockDiagonalOperator([DiagBlock(problem.diagonal())],
+                                     [torch.arange(problem.P, device=device)], problem.P,
+                                     labels=["Hessian (exact diagonal)"])
+    groups = _fallback_groups(problem, set())
+    blocks, index, labels = [], [], []
+    for gname, names in groups.items():
+        idx = _group_index(layout, names, device)
+        E = torch.zeros(problem.P, idx.numel(), dtype=problem.dtype, device=device)
+        E[idx, torch.arange(idx.numel(), device=device)] = 1
+        blocks.append(DenseBlock(problem.matmat(E)[idx]))
+        index.append(idx)
+        labels.append(f"{gname} (exact dense block)")
+    return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
