@@ -16,11 +16,15 @@ from .errors import (
     CurvkitWarning,
 )
 from .operators import DenseOperator, LinearOperator
+from .operators.lowrank import LowRankOperator
+from .operators.structured import BlockDiagonalOperator
 from .params import parameter_slices
+from .spectral import estimate_trace, plot_spectral_density, spectral_density, top_eigenvalues
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockDiagonalOperator",
     "CurvatureOperator",
     "CurvkitError",
     "CurvkitMemoryError",
@@ -29,9 +33,14 @@ __all__ = [
     "CurvkitWarning",
     "DenseOperator",
     "LinearOperator",
+    "LowRankOperator",
     "ef",
+    "estimate_trace",
     "fisher",
     "ggn",
     "hessian",
     "parameter_slices",
+    "plot_spectral_density",
+    "spectral_density",
+    "top_eigenvalues",
 ]

@@ -20,9 +20,11 @@ from .engine.problem import Problem
 from .errors import CurvkitTypeError, CurvkitValueError
 from .losses import as_loss
 from .memory import check_dense
+from .operators.lowrank import LowRankOperator
 from .params import resolve_params
+from .spectral import top_eigenvalues
 
-STRUCTURES = ("dense", "operator", "diag", "kron", "ekfac", "block")
+STRUCTURES = ("dense", "operator", "diag", "kron", "ekfac", "block", "lowrank")
 
 
 def _check_mode(model: nn.Module) -> None:
@@ -42,8 +44,23 @@ def _check_mode(model: nn.Module) -> None:
                 )
 
 
-def _curvature(kind, model, loss_fn, data, *, params, structure, reduction, output_fn,
-               memory_limit, progress, mc_samples=1, generator=None, kfac="expand"):
+def _curvature(
+    kind,
+    model,
+    loss_fn,
+    data,
+    *,
+    params,
+    structure,
+    reduction,
+    output_fn,
+    memory_limit,
+    progress,
+    mc_samples=1,
+    generator=None,
+    kfac="expand",
+    rank=20,
+):
     if structure not in STRUCTURES:
         raise CurvkitValueError(
             f"unknown structure={structure!r}; choose one of {', '.join(map(repr, STRUCTURES))}."
@@ -66,22 +83,44 @@ def _curvature(kind, model, loss_fn, data, *, params, structure, reduction, outp
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise CurvkitValueError(f"mc_samples must be a positive int, got {mc_samples!r}.")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise CurvkitTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+        raise CurvkitTypeError(
+            f"generator must be a torch.Generator, got {type(generator).__name__}."
+        )
     if output_fn is not None and not callable(output_fn):
         raise CurvkitTypeError("output_fn must be a callable taking the model's raw output.")
     loss = as_loss(loss_fn, reduction)
     ref = layout.tensors[0]
     source = DataSource(data, ref.device)
     problem = Problem(
-        model, layout, loss, source, kind, output_fn=output_fn, progress=progress, mc_samples=mc_samples, generator=generator,
+        model,
+        layout,
+        loss,
+        source,
+        kind,
+        output_fn=output_fn,
+        progress=progress,
+        mc_samples=mc_samples,
+        generator=generator,
         memory_limit=memory_limit,
     )
     if structure == "operator":
         return CurvatureOperator(problem, kind)
+    if structure == "lowrank":
+        lam, U = top_eigenvalues(
+            CurvatureOperator(problem, kind),
+            k=min(rank, layout.numel),
+            eigenvectors=True,
+            generator=generator,
+        )
+        return LowRankOperator(U, lam)
     if structure != "dense":
         return build(problem, structure, kfac)
     check_dense(
-        _NAMES[kind], (layout.numel, layout.numel), ref.dtype, ref.device, memory_limit,
+        _NAMES[kind],
+        (layout.numel, layout.numel),
+        ref.dtype,
+        ref.device,
+        memory_limit,
         "Use structure='operator' for matrix-free products, or choose fewer parameters "
         "with params= (e.g. the last layer).",
     )
@@ -102,16 +141,27 @@ _DOC_ARGS = """
             coordinates follow their order, see ``parameter_slices``.
         structure: ``"dense"`` (a (P, P) tensor), ``"operator"`` (matrix-free, exact), or a
             block-diagonal operator: ``"diag"`` (exact diagonal), ``"block"`` (exact dense
-            block per layer/module), ``"kron"`` (KFAC) or ``"ekfac"`` (Gauss-Newton kinds only).
+            block per layer/module), ``"kron"`` (KFAC) or ``"ekfac"`` (Gauss-Newton kinds only),
+            or ``"lowrank"`` (top-20 eigenpairs by Lanczos; the 20 is the ``rank=`` keyword).
         kfac: weight sharing in KFAC (``"expand"`` or ``"reduce"``, Eschenhagen et al. 2023).
         memory_limit: bytes a dense result may take (default: 80% of available memory).
         progress: show a progress bar over batches (default: only for several batches).
 """
 
 
-def hessian(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
-            structure: str = "dense", reduction: str | None = None, output_fn=None,
-            memory_limit: int | None = None, progress: bool | None = None):
+def hessian(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    params: Iterable | None = None,
+    structure: str = "dense",
+    reduction: str | None = None,
+    output_fn=None,
+    memory_limit: int | None = None,
+    progress: bool | None = None,
+    rank: int = 20,
+):
     """The exact Hessian H = ∂²L/∂θ² of the loss over ``data``.
 
     >>> import torch, curvkit as ck
@@ -120,40 +170,119 @@ def hessian(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable 
     >>> ck.hessian(model, torch.nn.MSELoss(), (x, y)).shape
     torch.Size([8, 8])
     """
-    return _curvature("hessian", model, loss_fn, data, params=params, structure=structure,
-                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
-                      progress=progress)
+    return _curvature(
+        "hessian",
+        model,
+        loss_fn,
+        data,
+        params=params,
+        structure=structure,
+        reduction=reduction,
+        output_fn=output_fn,
+        memory_limit=memory_limit,
+        progress=progress,
+        rank=rank,
+    )
 
 
-def ggn(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
-        structure: str = "dense", reduction: str | None = None, output_fn=None,
-        memory_limit: int | None = None, progress: bool | None = None, kfac: str = "expand"):
+def ggn(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    params: Iterable | None = None,
+    structure: str = "dense",
+    reduction: str | None = None,
+    output_fn=None,
+    memory_limit: int | None = None,
+    progress: bool | None = None,
+    kfac: str = "expand",
+    rank: int = 20,
+):
     """The generalized Gauss-Newton G = s·Σₙ Jₙᵀ (∂²ℓₙ/∂fₙ²) Jₙ, with Jₙ = ∂f(xₙ)/∂θ."""
-    return _curvature("ggn", model, loss_fn, data, params=params, structure=structure,
-                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
-                      progress=progress, kfac=kfac)
+    return _curvature(
+        "ggn",
+        model,
+        loss_fn,
+        data,
+        params=params,
+        structure=structure,
+        reduction=reduction,
+        output_fn=output_fn,
+        memory_limit=memory_limit,
+        progress=progress,
+        kfac=kfac,
+        rank=rank,
+    )
 
 
-def fisher(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
-           structure: str = "dense", reduction: str | None = None, output_fn=None,
-           memory_limit: int | None = None, progress: bool | None = None,
-           mc_samples: int = 1, generator: torch.Generator | None = None, kfac: str = "expand"):
+def fisher(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    params: Iterable | None = None,
+    structure: str = "dense",
+    reduction: str | None = None,
+    output_fn=None,
+    memory_limit: int | None = None,
+    progress: bool | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    kfac: str = "expand",
+    rank: int = 20,
+):
     """The Monte-Carlo Fisher F = s·Σₙ (1/S) Σₛ gₙₛ gₙₛᵀ, gₙₛ = ∇θ ℓ(f(xₙ), ỹₙₛ), with the
     targets ỹ drawn from the model's predictive (``mc_samples`` = S per sample; pass a
     ``generator`` for reproducible draws). It averages to the GGN for the standard losses."""
-    return _curvature("fisher", model, loss_fn, data, params=params, structure=structure,
-                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
-                      progress=progress, mc_samples=mc_samples, generator=generator, kfac=kfac)
+    return _curvature(
+        "fisher",
+        model,
+        loss_fn,
+        data,
+        params=params,
+        structure=structure,
+        reduction=reduction,
+        output_fn=output_fn,
+        memory_limit=memory_limit,
+        progress=progress,
+        mc_samples=mc_samples,
+        generator=generator,
+        kfac=kfac,
+        rank=rank,
+    )
 
 
-def ef(model: nn.Module, loss_fn: Callable, data: Any, *, params: Iterable | None = None,
-       structure: str = "dense", reduction: str | None = None, output_fn=None,
-       memory_limit: int | None = None, progress: bool | None = None, kfac: str = "expand"):
+def ef(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    params: Iterable | None = None,
+    structure: str = "dense",
+    reduction: str | None = None,
+    output_fn=None,
+    memory_limit: int | None = None,
+    progress: bool | None = None,
+    kfac: str = "expand",
+    rank: int = 20,
+):
     """The empirical Fisher E = s·Σₙ ∇ℓₙ ∇ℓₙᵀ: Σₙ for a sum, (1/N)·Σₙ for a mean — the
     same scale as the Hessian it stands in for."""
-    return _curvature("ef", model, loss_fn, data, params=params, structure=structure,
-                      reduction=reduction, output_fn=output_fn, memory_limit=memory_limit,
-                      progress=progress, kfac=kfac)
+    return _curvature(
+        "ef",
+        model,
+        loss_fn,
+        data,
+        params=params,
+        structure=structure,
+        reduction=reduction,
+        output_fn=output_fn,
+        memory_limit=memory_limit,
+        progress=progress,
+        kfac=kfac,
+        rank=rank,
+    )
 
 
 for _f in (hessian, ggn, fisher, ef):

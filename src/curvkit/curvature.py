@@ -30,7 +30,11 @@ class CurvatureOperator(LinearOperator):
 
     def to_dense(self) -> torch.Tensor:
         check_dense(
-            _NAMES[self.name], self.shape, self.dtype, self.device, self.problem.memory_limit,
+            _NAMES[self.name],
+            self.shape,
+            self.dtype,
+            self.device,
+            self.problem.memory_limit,
             "Keep the operator and use products, diagonal() or trace().",
         )
         return self.problem.dense()

@@ -73,15 +73,18 @@ def _validate(raw: Any, index: int, device: torch.device) -> Batch:
         got = f"a {type(raw).__name__}" + (
             f" of length {len(raw)}" if isinstance(raw, tuple | list) else ""
         )
-        raise CurvkitTypeError(f"{where} is {got}, expected an (inputs, targets) pair. " + _PAIR_HELP)
+        raise CurvkitTypeError(
+            f"{where} is {got}, expected an (inputs, targets) pair. " + _PAIR_HELP
+        )
     inputs, targets = raw
     if not isinstance(targets, torch.Tensor):
         raise CurvkitTypeError(
-            f"the targets of {where} are a {type(targets).__name__}, expected a tensor. " + _PAIR_HELP
+            f"the targets of {where} are a {type(targets).__name__}, expected a tensor. "
+            + _PAIR_HELP
         )
     if targets.dim() == 0:
         raise CurvkitValueError(
-            f"the targets of {where} are a 0-d tensor; expected a leading sample dimension (N, ...)."
+            f"the targets of {where} are a 0-d tensor; expected a sample dimension first (N, ...)."
         )
     n = targets.shape[0]
     if n == 0:

@@ -5,9 +5,9 @@ sum, the number of averaged elements or the total class weight for a mean — ex
 denominator on one concatenated batch), and the per-sample output-space matrices Mₙ that turn a
 Jacobian into a curvature, C = s · Σₙ Jₙᵀ Mₙ Jₙ:
 
-* ``hessian``: Mₙ = ∂²ℓₙ/∂fₙ² (closed forms for the standard losses, autodiff otherwise) → GGN;
-* ``ef``:      Mₙ = ∇ℓₙ ∇ℓₙᵀ                                                       → empirical Fisher;
-* ``fisher``:  Mₙ = (1/S) Σₛ ∇ℓₙ(ỹₛ) ∇ℓₙ(ỹₛ)ᵀ, ỹₛ drawn from the model's predictive → MC Fisher.
+* ``ggn``:    Mₙ = ∂²ℓₙ/∂fₙ² (closed forms for the standard losses, autodiff otherwise);
+* ``ef``:     Mₙ = ∇ℓₙ ∇ℓₙᵀ (empirical Fisher);
+* ``fisher``: Mₙ = (1/S) Σₛ ∇ℓₙ(ỹₛ) ∇ℓₙ(ỹₛ)ᵀ, ỹₛ drawn from the model's predictive (MC).
 
 Outputs are handled flattened per sample, fₙ ∈ ℝᶜ with C = prod(output.shape[1:]).
 """
@@ -138,8 +138,12 @@ class CrossEntropy(Loss):
 
     def sum_loss(self, out, tgt):
         return F.cross_entropy(
-            out, tgt, weight=self.weight, ignore_index=self.ignore_index,
-            reduction="sum", label_smoothing=self.label_smoothing,
+            out,
+            tgt,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
         )
 
     def _index_targets(self, tgt):
@@ -220,12 +224,14 @@ class NLL(CrossEntropy):
         self.weight, self.ignore_index, self.label_smoothing = module.weight, module.ignore_index, 0
 
     def sum_loss(self, out, tgt):
-        return F.nll_loss(out, tgt, weight=self.weight, ignore_index=self.ignore_index,
-                          reduction="sum")
+        return F.nll_loss(
+            out, tgt, weight=self.weight, ignore_index=self.ignore_index, reduction="sum"
+        )
 
     def _closed_form_hessian(self, out, tgt):
-        return torch.zeros(out.shape[0], out[0].numel(), out[0].numel(), dtype=out.dtype,
-                           device=out.device)
+        return torch.zeros(
+            out.shape[0], out[0].numel(), out[0].numel(), dtype=out.dtype, device=out.device
+        )
 
     def sample_targets(self, out, tgt, gen):
         return super().sample_targets(out.exp().log_softmax(1), tgt, gen)
@@ -253,8 +259,10 @@ class MSE(Loss):
 
     def sample_targets(self, out, tgt, gen):
         # ℓ = ‖f − y‖² is −log N(y | f, ½ I) up to a constant.
-        return out + torch.randn(out.shape, generator=gen, dtype=out.dtype,
-                                 device=out.device) * 0.5**0.5
+        return (
+            out
+            + torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device) * 0.5**0.5
+        )
 
 
 class BCEWithLogits(Loss):

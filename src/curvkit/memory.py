@@ -8,7 +8,7 @@ from .errors import CurvkitMemoryError
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: MemAvailable on Linux for the CPU, the allocator's view on CUDA."""
+    """Free memory on ``device``: MemAvailable (Linux) for the CPU, the driver's view on CUDA."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -36,8 +36,12 @@ def _fmt(nbytes: float) -> str:
 
 
 def check_dense(
-    what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-    memory_limit: int | None, alternatives: str,
+    what: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_limit: int | None,
+    alternatives: str,
 ) -> None:
     """Raise CurvkitMemoryError when a ``shape`` result (plus working space) cannot fit."""
     numel = 1

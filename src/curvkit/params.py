@@ -40,7 +40,7 @@ class ParamLayout:
         return None
 
     def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a flat ``(P, ...)`` tensor into a dict of parameter-shaped views ``(*shape, ...)``."""
+        """Split a flat ``(P, ...)`` tensor into parameter-shaped views ``(*shape, ...)``."""
         extra = vec.shape[1:]
         return {
             n: vec[o : o + t.numel()].reshape(*t.shape, *extra)

@@ -152,9 +152,12 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
     """Hessian 'diag' (exact, engine reduction) and 'block' (exact per-module blocks)."""
     layout, device = problem.layout, problem.device
     if structure == "diag":
-        return BlockDiagonalOperator([DiagBlock(problem.diagonal())],
-                                     [torch.arange(problem.P, device=device)], problem.P,
-                                     labels=["Hessian (exact diagonal)"])
+        return BlockDiagonalOperator(
+            [DiagBlock(problem.diagonal())],
+            [torch.arange(problem.P, device=device)],
+            problem.P,
+            labels=["Hessian (exact diagonal)"],
+        )
     groups = _fallback_groups(problem, set())
     blocks, index, labels = [], [], []
     for gname, names in groups.items():

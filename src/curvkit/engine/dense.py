@@ -30,7 +30,10 @@ def _scatter(out: torch.Tensor, lu: RuleLayer, lv: RuleLayer, blk: torch.Tensor)
         for sv in lv.segments:
             nv = sv.a.stop - sv.a.start
             part = blk[:, su.a, :, sv.a]
-            rows, cols = slice(su.offset, su.offset + lu.d * nu), slice(sv.offset, sv.offset + lv.d * nv)
+            rows, cols = (
+                slice(su.offset, su.offset + lu.d * nu),
+                slice(sv.offset, sv.offset + lv.d * nv),
+            )
             out[rows, cols].view(lu.d, nu, lv.d, nv).add_(part)
             if lu is not lv:
                 out[cols, rows].view(lv.d, nv, lu.d, nu).add_(part.permute(2, 3, 0, 1))

@@ -5,7 +5,8 @@ its bias is chosen), zₙ = W aₙ. Adding a zero perturbation εₙ to zₙ cha
 every derivative w.r.t. W a contraction of a derivative w.r.t. ε with aₙ:
 
     ∂L/∂W[i,j] = Σₙ δₙ[i] aₙ[j],              δₙ = ∂L/∂εₙ,
-    ∂²L/∂W_l[i,j] ∂W_m[p,q] = Σₙ Hεₙ[(l,i),(m,p)] a_lₙ[j] a_mₙ[q] + Σₙ δ_mₙ[p] ∂a_mₙ[q]/∂ε_lₙ[i] a_lₙ[j].
+    ∂²L/∂W_l[i,j] ∂W_m[p,q] = Σₙ Hεₙ[(l,i),(m,p)] a_lₙ[j] a_mₙ[q]
+                            + Σₙ δ_mₙ[p] ∂a_mₙ[q]/∂ε_lₙ[i] a_lₙ[j].
 
 The per-sample derivatives w.r.t. ε have D = Σ_l d_out,l coordinates, not P, so they cost D
 batched forward(-over-reverse) passes, and each (l, m) block is one GEMM of N·P_l·P_m

@@ -17,14 +17,13 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], F: torch.Tensor
     """acts: list of (N, R, A); grads: list of (N, K, R, d) — ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer output)."""
     f = fw.perturbed(batch, layers)
     ref = fw.layout.tensors[0]
-    eps0 = [torch.zeros(s, dtype=ref.dtype, device=ref.device)
-            for s in fw.output_shapes(batch, layers)]
+    eps0 = [
+        torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in fw.output_shapes(batch, layers)
+    ]
     out, pullback, acts = vjp(f, eps0, has_aux=True)
     cots = F.permute(2, 0, 1).reshape(F.shape[2], *out.shape)  # (K, *out)
     (grads,) = vmap(pullback)(cots)
-    return acts, [
-        l.positions_last(g).transpose(0, 1) for l, g in zip(layers, grads)
-    ]
+    return acts, [l.positions_last(g).transpose(0, 1) for l, g in zip(layers, grads)]
 
 
 def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], chunk: int | None):
@@ -34,8 +33,9 @@ def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], 
 
     def one(inputs, Fn):
         def f(p):
-            raw = functional_call(fw.model, {**fixed, **p},
-                                  *_as_call(_map_tensors(inputs, lambda t: t.unsqueeze(0))))
+            raw = functional_call(
+                fw.model, {**fixed, **p}, *_as_call(_map_tensors(inputs, lambda t: t.unsqueeze(0)))
+            )
             return pick_output(raw, fw.output_fn).reshape(-1)
 
         _, pull = vjp(f, sub)

@@ -24,11 +24,26 @@ from .forward import Forward
 
 class Problem:
     def __init__(
-        self, model, layout: ParamLayout, loss: Loss, source: DataSource, kind: str, *,
-        output_fn=None, progress: bool | None = None, mc_samples: int = 1, generator=None,
+        self,
+        model,
+        layout: ParamLayout,
+        loss: Loss,
+        source: DataSource,
+        kind: str,
+        *,
+        output_fn=None,
+        progress: bool | None = None,
+        mc_samples: int = 1,
+        generator=None,
         memory_limit: int | None = None,
     ):
-        self.model, self.layout, self.loss, self.source, self.kind = model, layout, loss, source, kind
+        self.model, self.layout, self.loss, self.source, self.kind = (
+            model,
+            layout,
+            loss,
+            source,
+            kind,
+        )
         self.forward = Forward(model, layout, loss, output_fn)
         self.progress = (not source.single) if progress is None else progress
         self.mc_samples, self.generator = mc_samples, generator
@@ -90,8 +105,9 @@ class Problem:
         per_column = self.P * item * 4 + per_tangent
         return max(1, budget // per_tangent), max(1, min(4096, budget // per_column))
 
-    def _run(self, desc: str, body: Callable[[Batch, object, tuple], None],
-             factor: bool = False) -> float:
+    def _run(
+        self, desc: str, body: Callable[[Batch, object, tuple], None], factor: bool = False
+    ) -> float:
         """Visit every batch: body(batch, Mₙ or (Fₙ, σₙ), chunk sizes); return the scale s."""
         total_norm = 0.0
         with torch.no_grad():
@@ -110,8 +126,9 @@ class Problem:
             if layers:
                 _dense.rule_dense(out, self.forward, batch, layers, self.kind, M, chunks[0])
             covered = _dense.rule_mask(self.forward, layers)
-            _dense.fallback_columns(out, self.forward, batch, self.kind, M, covered,
-                                    chunks, diag_only=False)
+            _dense.fallback_columns(
+                out, self.forward, batch, self.kind, M, covered, chunks, diag_only=False
+            )
 
         return out.mul_(self._run("dense", body))
 
@@ -123,8 +140,9 @@ class Problem:
             if layers:
                 _dense.rule_diag(out, self.forward, batch, layers, self.kind, M, chunks[0])
             covered = _dense.rule_mask(self.forward, layers)
-            _dense.fallback_columns(out, self.forward, batch, self.kind, M, covered,
-                                    chunks, diag_only=True)
+            _dense.fallback_columns(
+                out, self.forward, batch, self.kind, M, covered, chunks, diag_only=True
+            )
 
         return out.mul_(self._run("diagonal", body))
 

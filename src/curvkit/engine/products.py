@@ -42,9 +42,7 @@ def hessian_product(fw: Forward, batch: Batch, chunk: int | None) -> Callable:
     return prod
 
 
-def gauss_newton_product(
-    fw: Forward, batch: Batch, M: torch.Tensor, chunk: int | None
-) -> Callable:
+def gauss_newton_product(fw: Forward, batch: Batch, M: torch.Tensor, chunk: int | None) -> Callable:
     """M: (N, C, C) output-space matrices of this batch."""
     names = fw.layout.names
 

@@ -28,7 +28,9 @@ class LinearOperator:
     # -- products --------------------------------------------------------------------------------
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         if not isinstance(v, torch.Tensor):
-            raise CurvkitTypeError(f"{type(self).__name__} @ v needs a tensor, got {type(v).__name__}.")
+            raise CurvkitTypeError(
+                f"{type(self).__name__} @ v needs a tensor, got {type(v).__name__}."
+            )
         n = self.shape[1]
         if v.dim() not in (1, 2) or v.shape[0] != n:
             raise CurvkitValueError(
@@ -93,7 +95,9 @@ class LinearOperator:
         return ScipyOp(self.shape, matvec=mm, rmatvec=mm, matmat=mm, dtype=np.float64)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        )
 
 
 class DenseOperator(LinearOperator):

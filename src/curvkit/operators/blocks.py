@@ -108,8 +108,9 @@ class DenseBlock(Block):
         return self._eigh()[0]
 
     def shifted(self, delta):
-        out = DenseBlock(self.M + delta * torch.eye(self.size, dtype=self.M.dtype,
-                                                    device=self.M.device))
+        out = DenseBlock(
+            self.M + delta * torch.eye(self.size, dtype=self.M.dtype, device=self.M.device)
+        )
         if self._eig is not None:
             out._eig = (self._eig[0] + delta, self._eig[1])
         return out

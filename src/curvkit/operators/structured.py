@@ -16,8 +16,14 @@ from .blocks import Block
 class BlockDiagonalOperator(LinearOperator):
     """Σ_b E_b B_b E_bᵀ, where E_b picks coordinates ``index[b]`` (the blocks cover all P)."""
 
-    def __init__(self, blocks: list[Block], index: list[torch.Tensor], P: int, *,
-                 labels: list[str] | None = None):
+    def __init__(
+        self,
+        blocks: list[Block],
+        index: list[torch.Tensor],
+        P: int,
+        *,
+        labels: list[str] | None = None,
+    ):
         self.blocks, self.index = blocks, index
         self.labels = labels or [type(b).__name__ for b in blocks]
         ref = index[0]
@@ -70,8 +76,7 @@ class BlockDiagonalOperator(LinearOperator):
         """(n, P) samples of N(0, A⁻¹), A⁻¹ᐟ² applied block by block to standard normals."""
         if not isinstance(n, int) or n < 1:
             raise CurvkitValueError(f"sample(n) needs a positive int, got {n!r}.")
-        Z = torch.randn(self.shape[0], n, generator=generator, dtype=self.dtype,
-                        device=self.device)
+        Z = torch.randn(self.shape[0], n, generator=generator, dtype=self.dtype, device=self.device)
         return self._map([b.power(-0.5) for b in self.blocks])._matmat(Z).T
 
 
