@@ -297,15 +297,22 @@ GROUP_TITLES = {"hessian": "exact Hessian", "ggn": "GGN", "ef": "empirical Fishe
 # --------------------------------------------------------------------------------------------
 
 
-def rss_kib() -> int:
-    """Current resident set size in KiB (``VmRSS``), psutil as fallback."""
+def _proc_status_kib(field_name: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field_name + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
+    return None
+
+
+def rss_kib() -> int:
+    """Current resident set size in KiB (``VmRSS``), psutil as fallback."""
+    rss = _proc_status_kib("VmRSS")
+    if rss is not None:
+        return rss
     import psutil
 
     return psutil.Process().memory_info().rss // 1024
@@ -322,23 +329,34 @@ def reset_peak_rss() -> bool:
 
 
 def run_child(key: str) -> None:
-    """Run one method once in this (fresh) process; print its memory use as one JSON line."""
+    """Run one method once in this (fresh) process; print its memory use as one JSON line.
+
+    The peak is ``ru_maxrss``. On Linux, however, ``ru_maxrss`` of a process started by
+    fork+exec also remembers the parent's RSS at fork time (the kernel folds the pre-exec peak
+    into it), so a child of a 2 GB parent reports >= 2 GB whatever it does. Where the kernel
+    lets us reset the peak mark (``/proc/self/clear_refs``), the process's own peak ``VmHWM``
+    is used instead, which that inheritance does not touch.
+    """
     method = METHODS_BY_KEY[key]
     w = build_dense()
     gc.collect()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = reset_peak_rss()
     before = rss_kib()
     result = method.fn(w)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm = _proc_status_kib("VmHWM")
+    use_hwm = reset and hwm is not None
     print(
         json.dumps(
             {
                 "method": key,
                 "rss_before_kib": before,
-                "peak_kib": peak,
-                "peak_before_kib": peak_before,
-                "peak_reset": reset,
+                "peak_kib": hwm if use_hwm else maxrss,
+                "peak_source": "VmHWM" if use_hwm else "ru_maxrss",
+                "ru_maxrss_kib": maxrss,
+                "ru_maxrss_before_kib": maxrss_before,
+                "peak_reset": use_hwm,
                 "result_mb": result.numel() * result.element_size() / 2**20,
             }
         )
@@ -453,6 +471,20 @@ def fmt_t(t: float | None) -> str:
     return "—" if t is None else (f"{t * 1e3:.1f} ms" if t < 0.1 else f"{t:.3f} s")
 
 
+def fmt_spread(ts: list[float]) -> str:
+    """Median with the min-max range of the timed runs."""
+    lo, hi = min(ts), max(ts)
+    unit, k = ("ms", 1e3) if hi < 0.1 else ("s", 1.0)
+    return f"{fmt_t(statistics.median(ts))} ({lo * k:.3g}–{hi * k:.3g} {unit})"
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (>=3)")
@@ -466,6 +498,7 @@ def main() -> int:
     if args.repeats < 3:
         ap.error("--repeats must be at least 3")
 
+    load_start = load_average()
     w = build_dense()
     print(
         f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -480,13 +513,25 @@ def main() -> int:
         flush=True,
     )
 
-    # Availability and warm-up.
-    active: list[Method] = []
+    # Availability.
     skipped: dict[str, str] = {}
     for m in METHODS:
         ok, why = m.available()
         if not ok:
             skipped[m.key] = why
+
+    # Memory first, while this parent process is still small (see run_child).
+    mem: dict[str, dict | str] = {}
+    if not args.no_memory:
+        for m in METHODS:
+            if m.key not in skipped:
+                print(f"  memory {m.key} (fresh process) ...", file=sys.stderr, flush=True)
+                mem[m.key] = measure_memory(m.key)
+
+    # Warm-up.
+    active: list[Method] = []
+    for m in METHODS:
+        if m.key in skipped:
             continue
         print(f"  warm-up {m.key} ...", file=sys.stderr, flush=True)
         try:
@@ -516,12 +561,6 @@ def main() -> int:
     flops_h, flops_g = flop_counts(w.layer_sizes, w.N)
     flops = {"ck_hessian": flops_h, "ck_ggn": flops_g}
 
-    mem: dict[str, dict | str] = {}
-    if not args.no_memory:
-        for m in active:
-            print(f"  memory {m.key} (fresh process) ...", file=sys.stderr, flush=True)
-            mem[m.key] = measure_memory(m.key)
-
     print("  W-seed ...", file=sys.stderr, flush=True)
     seed = wseed()
 
@@ -543,6 +582,7 @@ def main() -> int:
                 )
                 continue
             t = med[m.key]
+            t_s = fmt_spread(times[m.key])
             ratio = "1.00× (ref)" if m.curvkit else f"{t / med[ck_key]:.2f}×"
             diff = "—" if m.curvkit else f"{max_rel_diff(results[ck_key], results[m.key]):.1e}"
             mm = mem.get(m.key)
@@ -553,12 +593,12 @@ def main() -> int:
             else:
                 added = (mm["peak_kib"] - mm["rss_before_kib"]) / 1024
                 mem_s = f"{added:.0f} MB"
-                if not mm["peak_reset"] and mm["peak_before_kib"] > mm["rss_before_kib"]:
+                if not mm["peak_reset"] and mm["ru_maxrss_before_kib"] > mm["rss_before_kib"]:
                     mem_s += " (†)"
                     any_peak_unreset = True
             gf = f"{flops[m.key] / t / 1e9:.1f}" if m.key in flops else ""
             print(
-                f"| W-dense | {GROUP_TITLES[group]} | {m.label} | {fmt_t(t)} | {ratio} | {diff} "
+                f"| W-dense | {GROUP_TITLES[group]} | {m.label} | {t_s} | {ratio} | {diff} "
                 f"| {mem_s} | {gf} |"
             )
     print(
@@ -574,18 +614,25 @@ def main() -> int:
     print()
     L = len(w.layer_sizes)
     print(
-        "Footnotes. Time: median of "
+        "Footnotes. Time: median (min–max) of "
         f"{args.repeats} runs after one warm-up, all methods interleaved in one process; "
         "ratio = peer time / curvkit time from the same run (> 1: curvkit faster). "
         "Max rel. diff = max|curvkit − peer| / max|peer|. "
-        "Memory added = peak RSS (`ru_maxrss`) minus RSS before the call, one call in a fresh "
-        "process after the model and data are built (includes the "
+        "Memory added = peak RSS minus RSS before the call, one call in a fresh process after "
+        "the model and data are built (peak = `VmHWM` after resetting it via "
+        "`/proc/self/clear_refs`, else `ru_maxrss`; includes the "
         f"{w.P * w.P * 4 / 2**20:.0f} MB result). "
         "GFLOP/s = nominal FLOPs / time, with P_l = d_out,l·(d_in,l + 1) per Linear layer "
         f"(here {', '.join(map(str, w.layer_sizes))}; L = {L}, N = {w.N}): "
         f"GGN = Σ_(l≤m) 2·N·P_l·P_m = {flops_g / 1e9:.2f} GFLOP; "
         f"Hessian = GGN + Σ_(l<m) 2·N·P_l·P_m = {flops_h / 1e9:.2f} GFLOP; "
         f"`torch.mm` = 2·{MM_SIZE}³ = {2 * MM_SIZE**3 / 1e9:.2f} GFLOP."
+    )
+    print(
+        f"Load average (1/5/15 min) at start {load_start}, at end {load_average()}, on "
+        f"{os.cpu_count()} logical cores. Time column: median (min–max). Under contention "
+        "(load above the core count) times of many small kernels — the row-by-row peer above "
+        "all — inflate by large factors; rerun on a quiet machine before quoting a ratio."
     )
     if any_peak_unreset:
         print(

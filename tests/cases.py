@@ -70,7 +70,7 @@ def xent_mean_callable(yhat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_nll_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Heteroscedastic Gaussian NLL, summed over samples; ``out[:, 0]`` mean, ``out[:, 1]`` log var."""
+    """Heteroscedastic Gaussian NLL summed over samples; out[:, 0] mean, out[:, 1] log var."""
     mean, log_var = out[:, 0], out[:, 1]
     return (0.5 * (log_var + (y - mean) ** 2 / torch.exp(log_var))).sum()
 
@@ -101,9 +101,15 @@ def _sigmoid_model() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
 def sigmoid_mean_callable() -> Case:
     model, batch = _sigmoid_model()
     return Case(
-        "sigmoid_mean_callable", model, xent_mean_callable, batch, [batch],
-        sample_loss=xent_mean_callable, scale=1 / 5, kwargs={"reduction": "mean"},
-    )  # fmt: skip
+        "sigmoid_mean_callable",
+        model,
+        xent_mean_callable,
+        batch,
+        [batch],
+        sample_loss=xent_mean_callable,
+        scale=1 / 5,
+        kwargs={"reduction": "mean"},
+    )
 
 
 def sigmoid_bce() -> Case:
@@ -120,9 +126,14 @@ def _mlp_ce(reduction: str) -> Case:
     batch = _ce_batch(8, 4, 3)
     scale = 1 / 8 if reduction == "mean" else 1.0
     return Case(
-        f"mlp_ce_{reduction}", model, nn.CrossEntropyLoss(reduction=reduction), batch, [batch],
-        ce_sample, scale,
-    )  # fmt: skip
+        f"mlp_ce_{reduction}",
+        model,
+        nn.CrossEntropyLoss(reduction=reduction),
+        batch,
+        [batch],
+        ce_sample,
+        scale,
+    )
 
 
 def mlp_ce_mean() -> Case:
@@ -195,7 +206,9 @@ def tied_embedding_ce() -> Case:
     model = _finish(TiedModel())
     x = torch.randint(0, 7, (6, 3))
     t = torch.randint(0, 7, (6,))
-    return Case("tied_embedding_ce", model, nn.CrossEntropyLoss(), (x, t), [(x, t)], ce_sample, 1 / 6)
+    return Case(
+        "tied_embedding_ce", model, nn.CrossEntropyLoss(), (x, t), [(x, t)], ce_sample, 1 / 6
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,9 +268,14 @@ def dict_inputs_ce_sum() -> Case:
     t = torch.randint(0, 3, (6,))
     batch = ({"x": x, "mask": mask}, t)
     return Case(
-        "dict_inputs_ce_sum", model, nn.CrossEntropyLoss(reduction="sum"), batch, [batch],
-        ce_sample, 1.0,
-    )  # fmt: skip
+        "dict_inputs_ce_sum",
+        model,
+        nn.CrossEntropyLoss(reduction="sum"),
+        batch,
+        [batch],
+        ce_sample,
+        1.0,
+    )
 
 
 # tuple inputs passed positionally
@@ -290,9 +308,15 @@ def mse_mean_param_subset() -> Case:
     x, y = torch.randn(7, 3, dtype=DT), torch.randn(7, 2, dtype=DT)
     params = [model[2].weight, model[0].bias]
     return Case(
-        "mse_mean_param_subset", model, nn.MSELoss(), (x, y), [(x, y)], mse_sample,
-        scale=1 / (7 * 2), params=params,
-    )  # fmt: skip
+        "mse_mean_param_subset",
+        model,
+        nn.MSELoss(),
+        (x, y),
+        [(x, y)],
+        mse_sample,
+        scale=1 / (7 * 2),
+        params=params,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +328,9 @@ def frozen_first_layer_ce() -> Case:
     for p in model[0].parameters():
         p.requires_grad_(False)
     batch = _ce_batch(6, 4, 3)
-    return Case("frozen_first_layer_ce", model, nn.CrossEntropyLoss(), batch, [batch], ce_sample, 1 / 6)
+    return Case(
+        "frozen_first_layer_ce", model, nn.CrossEntropyLoss(), batch, [batch], ce_sample, 1 / 6
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,9 +356,14 @@ def multilabel_bce_logits() -> Case:
     x = torch.randn(6, 4, dtype=DT)
     t = (torch.rand(6, 3) > 0.5).to(DT)
     return Case(
-        "multilabel_bce_logits", model, nn.BCEWithLogitsLoss(), (x, t), [(x, t)],
-        bce_logits_sample, scale=1 / (6 * 3),
-    )  # fmt: skip
+        "multilabel_bce_logits",
+        model,
+        nn.BCEWithLogitsLoss(),
+        (x, t),
+        [(x, t)],
+        bce_logits_sample,
+        scale=1 / (6 * 3),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,9 +393,14 @@ def _batches_ce(reduction: str) -> Case:
     batches = _split(x, y)
     scale = 1 / 15 if reduction == "mean" else 1.0
     return Case(
-        f"batches_ce_{reduction}", model, nn.CrossEntropyLoss(reduction=reduction), batches,
-        batches, ce_sample, scale,
-    )  # fmt: skip
+        f"batches_ce_{reduction}",
+        model,
+        nn.CrossEntropyLoss(reduction=reduction),
+        batches,
+        batches,
+        ce_sample,
+        scale,
+    )
 
 
 def batches_ce_mean() -> Case:
@@ -394,9 +430,43 @@ def batches_mean_callable() -> Case:
     x, t = torch.randn(15, 2, 1, 1, dtype=DT), torch.rand(15, 1, dtype=DT)
     batches = _split(x, t)
     return Case(
-        "batches_mean_callable", model, xent_mean_callable, batches, batches,
-        xent_mean_callable, scale=1 / 15, kwargs={"reduction": "mean"},
-    )  # fmt: skip
+        "batches_mean_callable",
+        model,
+        xent_mean_callable,
+        batches,
+        batches,
+        xent_mean_callable,
+        scale=1 / 15,
+        kwargs={"reduction": "mean"},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# output shapes other than (N, C): (N,) regression, and (N, C, T) token-wise CE over 2 batches
+# --------------------------------------------------------------------------------------------
+def scalar_output_mse_mean() -> Case:
+    torch.manual_seed(17)
+    model = _finish(nn.Sequential(_mlp(3, 4, 1), nn.Flatten(0)))  # output (N,)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, dtype=DT)
+    return Case("scalar_output_mse_mean", model, nn.MSELoss(), (x, y), [(x, y)], mse_sample, 1 / 6)
+
+
+def tokenwise_ce_batches() -> Case:
+    """Conv1d logits (N, C=3, T=4); CE mean divides by N_total * T = 5 * 4."""
+    torch.manual_seed(18)
+    model = _finish(nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv1d(3, 3, 1)))
+    x = torch.randn(5, 2, 4, dtype=DT)
+    t = torch.randint(0, 3, (5, 4))
+    batches = list(zip(torch.split(x, (3, 2)), torch.split(t, (3, 2))))
+    return Case(
+        "tokenwise_ce_batches",
+        model,
+        nn.CrossEntropyLoss(),
+        batches,
+        batches,
+        ce_sample,
+        scale=1 / (5 * 4),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,9 +512,16 @@ def _output_case(name: str, cls: type[nn.Module], output_fn: Callable | None = N
     batch = _ce_batch(6, 4, 3)
     kwargs = {"output_fn": output_fn} if output_fn is not None else {}
     return Case(
-        name, model, nn.CrossEntropyLoss(), batch, [batch], ce_sample, 1 / 6, kwargs=kwargs,
+        name,
+        model,
+        nn.CrossEntropyLoss(),
+        batch,
+        [batch],
+        ce_sample,
+        1 / 6,
+        kwargs=kwargs,
         output_fn=output_fn,
-    )  # fmt: skip
+    )
 
 
 def dict_output_ce() -> Case:
@@ -482,6 +559,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "batches_ce_sum": batches_ce_sum,  # (l)
     "dataloader_mse_mean": dataloader_mse_mean,  # (l)
     "batches_mean_callable": batches_mean_callable,  # (l)
+    "scalar_output_mse_mean": scalar_output_mse_mean,
+    "tokenwise_ce_batches": tokenwise_ce_batches,
     "dict_output_ce": dict_output_ce,  # (m)
     "attr_output_ce": attr_output_ce,  # (m)
     "output_fn_ce": output_fn_ce,  # (m)
@@ -494,4 +573,5 @@ MULTI_BATCH_CASES = (
     "batches_ce_sum",
     "dataloader_mse_mean",
     "batches_mean_callable",
+    "tokenwise_ce_batches",
 )

@@ -73,6 +73,17 @@ def _curvature(
             f"the chosen parameters mix dtypes {sorted(map(str, dtypes))} or devices "
             f"{sorted(map(str, devices))}; move the model to one dtype and device (model.to(...))."
         )
+    ref = layout.tensors[0]
+    if structure == "dense":  # before anything touches memory: refuse within a second
+        check_dense(
+            _NAMES[kind],
+            (layout.numel, layout.numel),
+            ref.dtype,
+            ref.device,
+            memory_limit,
+            "Use structure='kron', 'diag' or 'lowrank' (structured), 'operator' "
+            "(matrix-free products), or fewer parameters with params= (e.g. the last layer).",
+        )
     for name, t in zip(layout.names, layout.tensors):
         if not bool(torch.isfinite(t).all()):
             raise CurvkitValueError(
@@ -89,7 +100,6 @@ def _curvature(
     if output_fn is not None and not callable(output_fn):
         raise CurvkitTypeError("output_fn must be a callable taking the model's raw output.")
     loss = as_loss(loss_fn, reduction)
-    ref = layout.tensors[0]
     source = DataSource(data, ref.device)
     problem = Problem(
         model,
@@ -115,15 +125,6 @@ def _curvature(
         return LowRankOperator(U, lam)
     if structure != "dense":
         return build(problem, structure, kfac)
-    check_dense(
-        _NAMES[kind],
-        (layout.numel, layout.numel),
-        ref.dtype,
-        ref.device,
-        memory_limit,
-        "Use structure='operator' for matrix-free products, or choose fewer parameters "
-        "with params= (e.g. the last layer).",
-    )
     return problem.dense()
 
 

@@ -20,8 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
+from .autodiff import hessian_map, is_forward_ad_error
 from .errors import CurvkitTypeError, CurvkitValueError
 
 KINDS = ("ggn", "ef", "fisher")
@@ -77,7 +78,14 @@ class Loss:
         # Samples are independent, so one tangent e_c broadcast over all samples gives column c
         # of every sample's Hessian at once.
         eye = torch.eye(c, dtype=flat.dtype, device=flat.device)
-        cols = vmap(lambda e: jvp(g, (flat,), (e.expand(n, c),))[1])(eye)  # (C, N, C)
+        try:
+            hv = hessian_map(g, flat, forward=True)
+            cols = vmap(lambda e: hv(e.expand(n, c)))(eye)  # (C, N, C)
+        except (NotImplementedError, RuntimeError) as e:
+            if not is_forward_ad_error(e):
+                raise
+            hv = hessian_map(g, flat, forward=False)
+            cols = vmap(lambda e: hv(e.expand(n, c)))(eye)
         return cols.permute(1, 2, 0)
 
     def output_matrix(self, kind: str, out, tgt, mc_samples: int = 1, generator=None):
@@ -111,11 +119,11 @@ class Loss:
 
     def fisher_factors(self, out, tgt, mc_samples: int, generator) -> torch.Tensor:
         """(N, C, S): sampled gradients / √S, so that F̂ₙ = UₙUₙᵀ."""
-        cols = []
-        for _ in range(mc_samples):
-            y = self.sample_targets(out.detach(), tgt, generator)
-            cols.append(self.per_sample_grads(out, y))
-        return torch.stack(cols, dim=-1) / mc_samples**0.5
+        Y = torch.stack(
+            [self.sample_targets(out.detach(), tgt, generator) for _ in range(mc_samples)]
+        )
+        cols = vmap(lambda y: self.per_sample_grads(out, y))(Y)  # (S, N, C)
+        return cols.permute(1, 2, 0) / mc_samples**0.5
 
 
 def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:

@@ -54,8 +54,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
     state: dict = {"layers": None, "stats": {}, "fb": {}, "groups": None}
     per_layer = "kron" if structure == "ekfac" else structure
 
-    def body(batch, factor, chunks):
-        F, signs = factor
+    def body(batch, side, chunks):
         layers = fw.rule_layers(batch, structured=True)
         if state["layers"] is None:
             state["layers"] = layers
@@ -67,14 +66,16 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
                 "the same for every batch."
             )
         if layers:
-            acts, grads = backprop(fw, batch, layers, F)
+            acts, grads, F, signs = backprop(fw, batch, layers, side)
             for l, a, g in zip(layers, acts, grads):
                 _accumulate(state["stats"], id(l), _layer_stat(per_layer, a, g, signs, kfac_mode))
+        else:
+            F, signs = side(fw.output(batch))
         for gname, names in state["groups"].items():
             rows = _signed_rows(fallback_rows(fw, batch, F, names, chunks[0]), signs)
             _accumulate(state["fb"], gname, _fallback_stat(structure, rows))
 
-    scale = problem._run(structure, body, factor=True)
+    scale = problem._run(structure, body, factor=True, lazy=True)
     layers = state["layers"] or []
     if structure == "ekfac":
         bases = {}
@@ -83,14 +84,13 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
             bases[id(l)] = (torch.linalg.eigh(B)[1], torch.linalg.eigh(A)[1])
         lam: dict = {}
 
-        def second(batch, factor, chunks):
-            F, signs = factor
-            acts, grads = backprop(fw, batch, layers, F)
+        def second(batch, side, chunks):
+            acts, grads, _, signs = backprop(fw, batch, layers, side)
             for l, a, g in zip(layers, acts, grads):
                 _accumulate(lam, id(l), (red.ekfac_eigenvalues(a, g, signs, *bases[id(l)]),))
 
         if layers:
-            problem._run("ekfac eigenvalues", second, factor=True)
+            problem._run("ekfac eigenvalues", second, factor=True, lazy=True)
     blocks, index, labels = [], [], []
     for l in layers:
         st = state["stats"][id(l)]

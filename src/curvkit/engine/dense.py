@@ -152,19 +152,21 @@ def rule_mask(fw: Forward, layers: list[RuleLayer]) -> torch.Tensor:
     return mask
 
 
-def product(fw: Forward, batch: Batch, kind: str, M, chunk):
+def product(fw: Forward, batch: Batch, kind: str, M, chunk, forward_ad: bool = True):
     if kind == "hessian":
-        return hessian_product(fw, batch, chunk)
-    return gauss_newton_product(fw, batch, M, chunk)
+        return hessian_product(fw, batch, chunk, forward_ad)
+    return gauss_newton_product(fw, batch, M, chunk, forward_ad)
 
 
-def fallback_columns(out, fw, batch, kind, M, covered, chunks, diag_only: bool) -> None:
+def fallback_columns(
+    out, fw, batch, kind, M, covered, chunks, diag_only: bool, forward_ad: bool = True
+) -> None:
     """Columns (and rows) of the coordinates not covered by rules, from one-hot products."""
     idx = torch.nonzero(~covered).flatten()
     if idx.numel() == 0:
         return
     vchunk, step = chunks
-    prod = product(fw, batch, kind, M, vchunk)
+    prod = product(fw, batch, kind, M, vchunk, forward_ad)
     P = fw.layout.numel
     ref = fw.layout.tensors[0]
     for start in range(0, idx.numel(), step):

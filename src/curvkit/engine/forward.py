@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Batch, call_model, pick_output
+from ..data import Batch, _tensors, call_model, pick_output
+from ..errors import CurvkitValueError
 from ..losses import Loss
 from ..params import ParamLayout
 
@@ -116,6 +117,7 @@ class Forward:
     def __init__(self, model: nn.Module, layout: ParamLayout, loss: Loss, output_fn):
         self.model, self.layout, self.loss, self.output_fn = model, layout, loss, output_fn
         self.params = {n: t.detach() for n, t in zip(layout.names, layout.tensors)}
+        self._probe_cache: dict = {}
         owners = _owners(model)
         self._candidates: list[RuleLayer] = []
         for mod in model.modules():
@@ -174,7 +176,15 @@ class Forward:
         return self._probe(batch)[1]
 
     def _probe(self, batch: Batch) -> tuple[dict, int]:
+        """Which modules ran on which shapes (and how many activations) for this batch.
+
+        Cached by the batch's input shapes: forward() is assumed to take the same path for
+        inputs of the same shapes; the ε hooks check each layer still runs once."""
         if batch.probe is not None:
+            return batch.probe
+        key = tuple((tuple(t.shape), t.dtype) for t in _tensors(batch.inputs))
+        if key in self._probe_cache:
+            batch.probe = self._probe_cache[key]
             return batch.probe
         calls: dict[int, list] = defaultdict(list)
         numel = [0]
@@ -195,13 +205,19 @@ class Forward:
         finally:
             for h in handles:
                 h.remove()
-        batch.probe = (dict(calls), numel[0] + out.numel())
+        batch.probe = self._probe_cache[key] = (dict(calls), numel[0] + out.numel())
         return batch.probe
 
     @contextmanager
     def _inject(self, layers: list[RuleLayer], holder: dict):
         def make_hook(i: int, layer: RuleLayer) -> Callable:
             def hook(mod, args, out):
+                if holder["acts"][i] is not None:
+                    raise CurvkitValueError(
+                        f"{type(mod).__name__} layer was called twice in one forward pass on "
+                        "inputs of shapes it was first seen with once; curvkit assumes "
+                        "forward() takes the same path for inputs of the same shapes."
+                    )
                 holder["acts"][i] = layer.acts(args[0])
                 eps = holder["eps"]
                 return out if eps is None else out + eps[i]
@@ -230,8 +246,6 @@ class Forward:
 
 
 def raise_output_mismatch(out: torch.Tensor, batch: Batch) -> None:
-    from ..errors import CurvkitValueError
-
     raise CurvkitValueError(
         f"the model output has shape {tuple(out.shape)}, but the batch has {batch.size} "
         "samples; curvkit needs an output whose first dimension is the sample dimension. "

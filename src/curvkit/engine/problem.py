@@ -9,10 +9,12 @@ one concatenated batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
+from ..autodiff import is_forward_ad_error, translate
 from ..data import Batch, DataSource
 from ..errors import CurvkitValueError
 from ..losses import Loss
@@ -51,6 +53,7 @@ class Problem:
         ref = layout.tensors[0]
         self.dtype, self.device = ref.dtype, ref.device
         self._fisher_cache: dict[int, torch.Tensor] = {}
+        self.forward_ad = True  # set False once an op without forward-mode AD is met
 
     @property
     def P(self) -> int:  # noqa: N802
@@ -68,24 +71,21 @@ class Problem:
             it = tqdm(it, total=total, desc=f"curvkit {desc}", leave=False)
         return enumerate(it)
 
-    def _prepare(self, i: int, batch: Batch, factor: bool):
-        """Check the batch against the loss; return (Mₙ or (Fₙ, σₙ) or None, normaliser)."""
-        with torch.no_grad():
-            out = self.forward.output(batch)
+    def output_side(self, i: int, batch: Batch, out: torch.Tensor, factor: bool):
+        """Check ``out`` against the targets; return Mₙ, (Fₙ, σₙ) or None (Hessian)."""
         self.loss.check(out, batch.targets)
-        norm = self.loss.normalizer(batch.targets)
         if self.kind == "hessian":
-            return None, norm
+            return None
         if self.kind == "fisher":
             if i not in self._fisher_cache:  # drawn once, so the matrix stays fixed
                 self._fisher_cache[i] = self.loss.fisher_factors(
                     out, batch.targets, self.mc_samples, self.generator
                 )
             F = self._fisher_cache[i]
-            return ((F, None) if factor else F @ F.transpose(1, 2)), norm
+            return (F, None) if factor else F @ F.transpose(1, 2)
         if factor:
-            return self.loss.output_factor(self.kind, out, batch.targets), norm
-        return self.loss.output_matrix(self.kind, out, batch.targets), norm
+            return self.loss.output_factor(self.kind, out, batch.targets)
+        return self.loss.output_matrix(self.kind, out, batch.targets)
 
     def _scale(self, total_norm: float) -> float:
         if self.loss.reduction == "sum":
@@ -105,52 +105,75 @@ class Problem:
         per_column = self.P * item * 4 + per_tangent
         return max(1, budget // per_tangent), max(1, min(4096, budget // per_column))
 
-    def _run(
-        self, desc: str, body: Callable[[Batch, object, tuple], None], factor: bool = False
-    ) -> float:
-        """Visit every batch: body(batch, Mₙ or (Fₙ, σₙ), chunk sizes); return the scale s."""
+    def _run(self, desc: str, body: Callable, factor: bool = False, lazy: bool = False) -> float:
+        """Visit every batch once: ``body(batch, side, chunk sizes)``; return the scale s.
+
+        ``side`` is Mₙ (or (Fₙ, σₙ) with ``factor``) from a forward pass made here, or, with
+        ``lazy``, a function ``out -> side`` for bodies that run the forward pass themselves."""
         total_norm = 0.0
         with torch.no_grad():
             for i, batch in self._batches(desc):
-                M, norm = self._prepare(i, batch, factor)
-                total_norm += norm
-                body(batch, M, self._chunks(batch))
+                total_norm += self.loss.normalizer(batch.targets)
+                if lazy:
+                    side = partial(self.output_side, i, batch, factor=factor)
+                else:
+                    side = self.output_side(i, batch, self.forward.output(batch), factor)
+                body(batch, side, self._chunks(batch))
         return self._scale(total_norm)
 
     # -- reductions ------------------------------------------------------------------------------
+    def _with_fallback(self, reduction: Callable):
+        """Run a reduction; if an op lacks forward-mode AD, rerun it in reverse mode."""
+        try:
+            return reduction()
+        except (NotImplementedError, RuntimeError) as e:
+            nice = translate(e)
+            if nice is not None:
+                raise nice from e
+            if not (self.forward_ad and is_forward_ad_error(e)):
+                raise
+        self.forward_ad = False
+        try:
+            return reduction()
+        except RuntimeError as e:
+            nice = translate(e)
+            if nice is not None:
+                raise nice from e
+            raise
+
     def dense(self) -> torch.Tensor:
-        out = torch.zeros(self.P, self.P, dtype=self.dtype, device=self.device)
-
-        def body(batch, M, chunks):
-            layers = self.forward.rule_layers(batch)
-            if layers:
-                _dense.rule_dense(out, self.forward, batch, layers, self.kind, M, chunks[0])
-            covered = _dense.rule_mask(self.forward, layers)
-            _dense.fallback_columns(
-                out, self.forward, batch, self.kind, M, covered, chunks, diag_only=False
-            )
-
-        return out.mul_(self._run("dense", body))
+        return self._with_fallback(lambda: self._reduce(diag_only=False))
 
     def diagonal(self) -> torch.Tensor:
-        out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
+        return self._with_fallback(lambda: self._reduce(diag_only=True))
+
+    def _reduce(self, diag_only: bool) -> torch.Tensor:
+        shape = (self.P,) if diag_only else (self.P, self.P)
+        out = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        rule = _dense.rule_diag if diag_only else _dense.rule_dense
 
         def body(batch, M, chunks):
-            layers = self.forward.rule_layers(batch)
+            # The ε rules use forward mode; without it every coordinate takes the generic path.
+            layers = self.forward.rule_layers(batch) if self.forward_ad else []
             if layers:
-                _dense.rule_diag(out, self.forward, batch, layers, self.kind, M, chunks[0])
+                rule(out, self.forward, batch, layers, self.kind, M, chunks[0])
             covered = _dense.rule_mask(self.forward, layers)
             _dense.fallback_columns(
-                out, self.forward, batch, self.kind, M, covered, chunks, diag_only=True
+                out, self.forward, batch, self.kind, M, covered, chunks, diag_only, self.forward_ad
             )
 
-        return out.mul_(self._run("diagonal", body))
+        return out.mul_(self._run("diagonal" if diag_only else "dense", body))
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """(P, k) -> (P, k): the curvature applied to V, matrix-free."""
-        out = torch.zeros_like(V)
 
-        def body(batch, M, chunks):
-            out.add_(_dense.product(self.forward, batch, self.kind, M, chunks[0])(V))
+        def run():
+            out = torch.zeros_like(V)
 
-        return out.mul_(self._run("product", body))
+            def body(batch, M, chunks):
+                prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], self.forward_ad)
+                out.add_(prod(V))
+
+            return out.mul_(self._run("product", body))
+
+        return self._with_fallback(run)

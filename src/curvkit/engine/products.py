@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, vjp, vmap
 
+from ..autodiff import hessian_map, linear_map
 from ..data import Batch
 from .forward import Forward
 
@@ -24,17 +25,18 @@ def _flatten(tensors: dict, names) -> torch.Tensor:
     return torch.cat([tensors[n].reshape(-1) for n in names])
 
 
-def hessian_product(fw: Forward, batch: Batch, chunk: int | None) -> Callable:
+def hessian_product(
+    fw: Forward, batch: Batch, chunk: int | None, forward_ad: bool = True
+) -> Callable:
     names = fw.layout.names
 
     def loss_of(params: dict) -> torch.Tensor:
         return fw.loss.sum_loss(fw.output(batch, params), batch.targets)
 
-    g = grad(loss_of)
+    hv = hessian_map(grad(loss_of), fw.params, forward_ad)
 
     def column(v: torch.Tensor) -> torch.Tensor:
-        tangent = fw.layout.unflatten(v)
-        return _flatten(jvp(g, (fw.params,), (tangent,))[1], names)
+        return _flatten(hv(fw.layout.unflatten(v)), names)
 
     def prod(V: torch.Tensor) -> torch.Tensor:  # (P, k) -> (P, k)
         return vmap(column, in_dims=1, out_dims=1, chunk_size=chunk)(V)
@@ -42,7 +44,9 @@ def hessian_product(fw: Forward, batch: Batch, chunk: int | None) -> Callable:
     return prod
 
 
-def gauss_newton_product(fw: Forward, batch: Batch, M: torch.Tensor, chunk: int | None) -> Callable:
+def gauss_newton_product(
+    fw: Forward, batch: Batch, M: torch.Tensor, chunk: int | None, forward_ad: bool = True
+) -> Callable:
     """M: (N, C, C) output-space matrices of this batch."""
     names = fw.layout.names
 
@@ -51,9 +55,10 @@ def gauss_newton_product(fw: Forward, batch: Batch, M: torch.Tensor, chunk: int 
 
     out, pullback = vjp(f, fw.params)
     shape = out.shape
+    jvp_ = linear_map(f, fw.params, forward_ad)
 
     def column(v: torch.Tensor) -> torch.Tensor:
-        jv = jvp(f, (fw.params,), (fw.layout.unflatten(v),))[1].reshape(shape[0], -1, 1)
+        jv = jvp_(fw.layout.unflatten(v)).reshape(shape[0], -1, 1)
         (back,) = pullback((M @ jv).reshape(shape))
         return _flatten(back, names)
 

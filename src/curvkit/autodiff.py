@@ -1,0 +1,57 @@
+"""Second-order products with forward-over-reverse AD, falling back to reverse-over-reverse.
+
+Forward mode is the faster way to differentiate a gradient, but not every torch op has a
+forward-mode formula (e.g. ``huber_loss_backward``), and old-style ``autograd.Function``s have
+none. Those errors are recognised here so the engine can retry in reverse mode, or say clearly
+what the model needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.func import jvp, vjp
+
+from .errors import CurvkitTypeError
+
+
+class ForwardADUnsupported(Exception):
+    """Raised inside the engine to switch a whole pass to reverse mode."""
+
+
+def is_forward_ad_error(e: BaseException) -> bool:
+    msg = str(e)
+    return isinstance(e, NotImplementedError | RuntimeError) and (
+        "forward AD" in msg or "forward-mode" in msg or "Forward AD" in msg
+    )
+
+
+def translate(e: BaseException) -> BaseException | None:
+    """A clear curvkit error for torch errors a user can act on, else None."""
+    msg = str(e)
+    if isinstance(e, RuntimeError) and "setup_context" in msg:
+        return CurvkitTypeError(
+            "the model uses a torch.autograd.Function without a setup_context staticmethod; "
+            "curvkit differentiates with torch.func transforms, which need it (and a vmap rule "
+            "or generate_vmap_rule = True). Rewrite the Function in that style: see 'Extending "
+            "torch.func with autograd.Function' in the PyTorch docs."
+        )
+    return None
+
+
+def linear_map(f: Callable, x, forward: bool) -> Callable:
+    """``t -> J t`` for the Jacobian J of ``f`` at ``x`` (one pytree): jvp, or the double-vjp
+    trick (u ↦ Jᵀu is linear, so its own vjp is t ↦ J t)."""
+    if forward:
+        return lambda t: jvp(f, (x,), (t,))[1]
+    out, pull = vjp(f, x)
+    _, pull_of_pull = vjp(lambda u: pull(u)[0], out.new_zeros(out.shape))
+    return lambda t: pull_of_pull(t)[0]
+
+
+def hessian_map(g: Callable, x, forward: bool) -> Callable:
+    """``t -> H t`` where ``g`` is a gradient function at ``x`` (its Jacobian H is symmetric)."""
+    if forward:
+        return lambda t: jvp(g, (x,), (t,))[1]
+    _, pull = vjp(g, x)
+    return lambda t: pull(t)[0]

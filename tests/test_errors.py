@@ -1,0 +1,236 @@
+"""Bad inputs raise a curvkit error quickly, of the right built-in kind, saying what is wrong.
+
+Message checks are deliberately loose: any one of a few keywords naming the offending thing.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit as ck
+
+DT = torch.float64
+QUICK_S = 5.0  # "quickly": every error below comes from cheap checks on tiny models
+
+
+def _mlp(d_in: int = 3, d_out: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d_in, 4), nn.Tanh(), nn.Linear(4, d_out)).to(DT).eval()
+
+
+def _regression_batch(n: int = 5, d_in: int = 3, d_out: int = 2):
+    return torch.randn(n, d_in, dtype=DT), torch.randn(n, d_out, dtype=DT)
+
+
+def _ce_batch(n: int = 5, d_in: int = 3, classes: int = 2):
+    return torch.randn(n, d_in, dtype=DT), torch.randint(0, classes, (n,))
+
+
+def expect_error(
+    builtin: type[BaseException] | tuple[type[BaseException], ...],
+    keywords: tuple[str, ...],
+    fn: Callable[[], object],
+    *,
+    seconds: float = QUICK_S,
+) -> BaseException:
+    """Run ``fn``; it must raise a ``CurvkitError`` that is also ``builtin``, fast, and whose
+    message (lower-cased) contains at least one of ``keywords``."""
+    start = time.perf_counter()
+    with pytest.raises(ck.CurvkitError) as info:
+        fn()
+    elapsed = time.perf_counter() - start
+    err = info.value
+    msg = str(err)
+    assert isinstance(err, builtin), f"{type(err).__name__} is not a {builtin}: {msg}"
+    assert any(k.lower() in msg.lower() for k in keywords), (
+        f"message should mention one of {keywords}: {msg!r}"
+    )
+    assert elapsed < seconds, f"took {elapsed:.2f}s to raise"
+    return err
+
+
+def test_error_hierarchy():
+    assert issubclass(ck.CurvkitValueError, ck.CurvkitError)
+    assert issubclass(ck.CurvkitValueError, ValueError)
+    assert issubclass(ck.CurvkitTypeError, ck.CurvkitError)
+    assert issubclass(ck.CurvkitTypeError, TypeError)
+    assert issubclass(ck.CurvkitMemoryError, ck.CurvkitError)
+    assert issubclass(ck.CurvkitMemoryError, MemoryError)
+    assert issubclass(ck.CurvkitWarning, UserWarning)
+
+
+@pytest.mark.parametrize("fn", [ck.hessian, ck.ggn, ck.ef, ck.fisher])
+def test_nan_in_inputs(fn):
+    x, t = _ce_batch()
+    x[2, 1] = float("nan")
+    expect_error(ValueError, ("nan", "finite"), lambda: fn(_mlp(), nn.CrossEntropyLoss(), (x, t)))
+
+
+def test_inf_in_a_parameter():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[0, 1] = float("inf")
+    err = expect_error(
+        ValueError, ("inf", "finite"), lambda: ck.hessian(model, nn.MSELoss(), _regression_batch())
+    )
+    assert "2.weight" in str(err) or "param" in str(err).lower(), str(err)
+
+
+def test_wrong_target_shape_for_mse():
+    x, _ = _regression_batch()
+    y = torch.randn(5, 3, dtype=DT)  # output is (5, 2)
+    expect_error(
+        ValueError, ("shape", "(5, 3)", "size"), lambda: ck.ggn(_mlp(), nn.MSELoss(), (x, y))
+    )
+
+
+def test_cross_entropy_class_index_out_of_range():
+    x, t = _ce_batch(classes=2)
+    t[3] = 2  # the model has 2 logits: valid classes are 0 and 1
+    expect_error(
+        ValueError,
+        ("class", "target", "range"),
+        lambda: ck.ggn(_mlp(), nn.CrossEntropyLoss(), (x, t)),
+    )
+
+
+def test_empty_data():
+    expect_error(
+        ValueError, ("empty", "no batch", "data"), lambda: ck.hessian(_mlp(), nn.MSELoss(), [])
+    )
+
+
+def test_params_with_a_tensor_not_in_the_model():
+    model = _mlp()
+    stranger = nn.Parameter(torch.zeros(4, dtype=DT))
+    expect_error(
+        ValueError,
+        ("param", "model"),
+        lambda: ck.hessian(
+            model, nn.MSELoss(), _regression_batch(), params=[model[0].bias, stranger]
+        ),
+    )
+
+
+def test_callable_loss_returning_a_non_scalar():
+    def per_element(out, target):
+        return (out - target) ** 2  # forgot the .sum()
+
+    expect_error(
+        ValueError,
+        ("scalar", "shape"),
+        lambda: ck.hessian(_mlp(), per_element, _regression_batch()),
+    )
+
+
+@pytest.mark.parametrize("wrap", [lambda x: x, lambda x: [x]], ids=["bare", "in_list"])
+def test_batch_without_targets(wrap):
+    """A tensor is not an ``(inputs, targets)`` pair (Type- or ValueError both fine)."""
+    x, _ = _regression_batch()
+    expect_error(
+        (TypeError, ValueError),
+        ("target", "pair", "tuple"),
+        lambda: ck.hessian(_mlp(), nn.MSELoss(), wrap(x)),
+    )
+
+
+def test_batch_with_three_elements():
+    x, y = _regression_batch()
+    expect_error(
+        (TypeError, ValueError),
+        ("pair", "target", "3", "tuple"),
+        lambda: ck.hessian(_mlp(), nn.MSELoss(), [(x, y, y)]),
+    )
+
+
+def test_dropout_in_train_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(DT).train()
+    expect_error(
+        ValueError, ("eval", "train"), lambda: ck.hessian(model, nn.MSELoss(), _regression_batch())
+    )
+
+
+def test_batchnorm_in_train_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(DT)
+    model.eval()
+    model[1].train()  # only the BatchNorm left in training mode
+    expect_error(
+        ValueError, ("eval", "train"), lambda: ck.ggn(model, nn.MSELoss(), _regression_batch())
+    )
+
+
+def test_no_trainable_parameters():
+    model = _mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    expect_error(
+        ValueError,
+        ("trainable", "requires_grad", "frozen", "no param"),
+        lambda: ck.hessian(model, nn.MSELoss(), _regression_batch()),
+    )
+
+
+def test_unknown_structure():
+    err = expect_error(
+        ValueError,
+        ("structure",),
+        lambda: ck.hessian(_mlp(), nn.MSELoss(), _regression_batch(), structure="foo"),
+    )
+    assert "foo" in str(err) or "dense" in str(err), str(err)
+
+
+def test_dense_request_far_beyond_memory_raises_before_allocating():
+    """P ~ 1e8 -> a 4e16-byte Hessian: refused within a second, allocating nothing big."""
+    model = nn.Linear(100_000, 1_000, bias=False).eval()  # float32: 400 MB of weights
+    x, y = torch.randn(2, 100_000), torch.randn(2, 1_000)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for fn in (ck.hessian, ck.ggn, ck.ef):
+        expect_error(
+            MemoryError,
+            ("memory", "bytes", "memory_limit", "GB", "GiB"),
+            lambda fn=fn: fn(model, nn.MSELoss(), (x, y)),
+            seconds=1.0,
+        )
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 1024, f"peak memory grew by {grown_mib:.0f} MiB before raising"
+
+
+def test_memory_limit_can_lower_the_limit():
+    err = expect_error(
+        MemoryError,
+        ("memory", "bytes", "memory_limit"),
+        lambda: ck.hessian(_mlp(), nn.MSELoss(), _regression_batch(), memory_limit=10),
+    )
+    assert isinstance(err, ck.CurvkitMemoryError)
+
+
+def test_memory_limit_large_enough_allows_the_call():
+    h = ck.hessian(_mlp(), nn.MSELoss(), _regression_batch(), memory_limit=10**9)
+    assert tuple(h.shape) == (26, 26)
+
+
+def test_fisher_with_a_plain_callable_loss():
+    def my_loss(out, target):
+        return ((out - target) ** 2).sum()
+
+    expect_error(
+        ck.CurvkitError,
+        ("fisher", "distribution", "loss", "callable"),
+        lambda: ck.fisher(_mlp(), my_loss, _regression_batch()),
+    )
+
+
+def test_mean_callable_without_reduction_mean():
+    def mean_loss(out, target):
+        return ((out - target) ** 2).sum() / out.shape[0]  # a mean over the batch's samples
+
+    err = expect_error(
+        ValueError, ("reduction",), lambda: ck.hessian(_mlp(), mean_loss, _regression_batch())
+    )
+    assert isinstance(err, ck.CurvkitValueError)

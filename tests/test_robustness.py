@@ -1,0 +1,82 @@
+"""Models and losses outside ``torch.func``'s comfort zone.
+
+The contract takes "any nn.Module" and "any callable separable over samples". For pieces that
+``torch.func`` cannot transform (a legacy ``autograd.Function`` without ``setup_context``, an op
+without forward-mode AD such as ``huber_loss``), curvkit must either return the exact answer or
+refuse with a ``CurvkitError`` that says what is wrong -- never leak a raw torch error. The truth
+here is plain (loop-based, double-backward) ``torch.autograd``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FlatModel, assert_close
+from torch import nn
+
+import curvkit as ck
+
+DT = torch.float64
+
+
+class LegacyTanh(torch.autograd.Function):
+    """Old-style custom function: ``forward(ctx, ...)``, no ``setup_context``, no ``jvp``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class LegacyFunctionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(LegacyTanh.apply(self.a(x)))
+
+
+def huber_sum(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.huber_loss(out, target, reduction="sum", delta=0.5)
+
+
+def _plain_hessian(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
+    fm = FlatModel(model)
+    return torch.autograd.functional.hessian(lambda th: loss_fn(fm(th, x), y), fm.theta0)
+
+
+def _exact_or_curvkit_error(model: nn.Module, loss_fn, x, y) -> None:
+    try:
+        result = ck.hessian(model, loss_fn, (x, y))
+    except ck.CurvkitError as err:  # a clear refusal is acceptable
+        assert len(str(err)) > 20, f"unhelpful message: {err!r}"
+        return
+    except Exception as err:  # the point is to report what leaked
+        pytest.fail(f"raw {type(err).__name__} leaked instead of a CurvkitError: {str(err)[:300]}")
+    assert_close(result, _plain_hessian(model, loss_fn, x, y), what="hessian")
+
+
+def test_model_with_a_legacy_autograd_function():
+    torch.manual_seed(0)
+    model = LegacyFunctionModel().to(DT).eval()
+    x, t = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    _exact_or_curvkit_error(model, nn.CrossEntropyLoss(), x, t)
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [huber_sum, nn.HuberLoss(delta=0.5)], ids=["callable", "module"]
+)
+def test_loss_without_forward_mode_ad(loss_fn):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT).eval()
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    _exact_or_curvkit_error(model, loss_fn, x, y)

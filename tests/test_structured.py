@@ -1,0 +1,824 @@
+"""Structured curvatures (KFAC, EKFAC, exact diagonal, per-layer blocks, low rank) and the algebra
+of the operators they return.
+
+The truths are independent of curvkit: dense float64 GGN / empirical Fisher / Hessian from the
+``torch.func`` references in ``helpers.py``, and KFAC written out from its definition (layer
+inputs unfolded by hand, output-space Jacobians by plain autograd) in :func:`kfac_definition`.
+
+KFAC of a rule layer (row-major vec W, bias appended as an input column of ones, (d_out, A) grid):
+    expand: s * (sum_{n,r} J_nr^T M_n J_nr) kron (sum_{n,r} a_nr a_nr^T) / (N R)
+    reduce: s * (sum_n Jb_n^T M_n Jb_n) kron (sum_n ab_n ab_n^T) / N,  Jb = sum_r J_r, ab = mean_r a
+with J_nr = d f_n / d z_nr the output's Jacobian w.r.t. the layer output at position r and M_n the
+output-space Hessian of the loss; sum_k g_k g_k^T over the columns g_k = J^T F_k of any factor
+F F^T = M is J^T M J, so the definition does not depend on which square root the library uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import DT, Case, attention_ce, bn_pool_dropout_ce, ce_sample, mse_sample
+from cases import cnn_ce as cases_cnn_ce
+from cases import mlp_ce_mean as cases_mlp_ce_mean
+from cases import tied_embedding_ce as cases_tied_embedding_ce
+from helpers import assert_close, ref_ef, ref_ggn, ref_hessian, ref_output_hessians, rel_error
+from torch import nn
+from torch.func import grad, vmap
+
+import curvkit as ck
+
+KFAC_MODES = ("expand", "reduce")
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+def _finish(model: nn.Module) -> nn.Module:
+    return model.to(DT).eval()
+
+
+def _ce(name: str, model: nn.Module, x, n_classes: int, reduction: str = "mean") -> Case:
+    n = x.shape[0]
+    t = torch.randint(0, n_classes, (n,))
+    scale = 1 / n if reduction == "mean" else 1.0
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    return Case(name, model, loss, (x, t), [(x, t)], ce_sample, scale)
+
+
+def single_linear_mse_sum() -> Case:
+    torch.manual_seed(20)
+    model = _finish(nn.Linear(4, 3))
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    return Case(
+        "single_linear_mse_sum",
+        model,
+        nn.MSELoss(reduction="sum"),
+        (x, y),
+        [(x, y)],
+        mse_sample,
+        1.0,
+    )
+
+
+def single_linear_mse_mean() -> Case:
+    torch.manual_seed(21)
+    model = _finish(nn.Linear(4, 3))
+    x, y = torch.randn(7, 4, dtype=DT), torch.randn(7, 3, dtype=DT)
+    return Case(
+        "single_linear_mse_mean", model, nn.MSELoss(), (x, y), [(x, y)], mse_sample, 1 / (7 * 3)
+    )
+
+
+def mlp_one_sample() -> Case:
+    torch.manual_seed(22)
+    model = _finish(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    return _ce("mlp_one_sample", model, torch.randn(1, 4, dtype=DT), 3)
+
+
+def conv_single_position() -> Case:
+    """3x3 kernel on a 3x3 image, no padding: the conv output has one spatial position."""
+    torch.manual_seed(23)
+    model = _finish(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3, 4)))
+    return _ce("conv_single_position", model, torch.randn(1, 2, 3, 3, dtype=DT), 4)
+
+
+def conv1d_single_position() -> Case:
+    torch.manual_seed(24)
+    model = _finish(nn.Sequential(nn.Conv1d(2, 3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(3, 3)))
+    return _ce("conv1d_single_position", model, torch.randn(1, 2, 4, dtype=DT), 3)
+
+
+def conv3d_single_position() -> Case:
+    torch.manual_seed(25)
+    model = _finish(nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3)))
+    return _ce("conv3d_single_position", model, torch.randn(1, 1, 2, 2, 2, dtype=DT), 3)
+
+
+def _conv_mse_sum(name: str, conv: nn.Module, x: torch.Tensor) -> Case:
+    torch.manual_seed(26)
+    with torch.no_grad():
+        out_numel = conv.to(DT)(x[:1]).numel()
+    model = _finish(nn.Sequential(conv, nn.Flatten(), nn.Linear(out_numel, 2)))
+    y = torch.randn(x.shape[0], 2, dtype=DT)
+    return Case(name, model, nn.MSELoss(reduction="sum"), (x, y), [(x, y)], mse_sample, 1.0)
+
+
+def conv2d_pad() -> Case:
+    torch.manual_seed(27)
+    return _conv_mse_sum(
+        "conv2d_pad", nn.Conv2d(2, 3, 3, padding=1), torch.randn(4, 2, 4, 4, dtype=DT)
+    )
+
+
+def conv2d_stride_dilation() -> Case:
+    torch.manual_seed(28)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2)
+    return _conv_mse_sum("conv2d_stride_dilation", conv, torch.randn(3, 2, 5, 5, dtype=DT))
+
+
+def conv1d_pad() -> Case:
+    torch.manual_seed(29)
+    return _conv_mse_sum(
+        "conv1d_pad", nn.Conv1d(2, 3, 3, padding=1), torch.randn(4, 2, 5, dtype=DT)
+    )
+
+
+def conv3d_plain() -> Case:
+    torch.manual_seed(30)
+    return _conv_mse_sum("conv3d_plain", nn.Conv3d(2, 2, 2), torch.randn(3, 2, 3, 3, 3, dtype=DT))
+
+
+class SequenceNet(nn.Module):
+    """Linear applied to a (N, T, d) sequence (T positions share the weight), then mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.tok(x)).mean(dim=1))
+
+
+def sequence_ce() -> Case:
+    torch.manual_seed(31)
+    return _ce("sequence_ce", _finish(SequenceNet()), torch.randn(4, 5, 3, dtype=DT), 3)
+
+
+def layernorm_mlp() -> Case:
+    torch.manual_seed(32)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[1].weight.add_(0.3 * torch.randn(5))
+        model[1].bias.add_(0.3 * torch.randn(5))
+    return _ce("layernorm_mlp", _finish(model), torch.randn(6, 4, dtype=DT), 3)
+
+
+class Residual(nn.Module):
+    """Not a Sequential: a skip connection around a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.mid = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = h + torch.tanh(self.mid(h))
+        return self.out(h)
+
+
+def residual_ce() -> Case:
+    torch.manual_seed(33)
+    return _ce("residual_ce", _finish(Residual()), torch.randn(6, 4, dtype=DT), 3)
+
+
+def conv1d_ce() -> Case:
+    torch.manual_seed(34)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3))
+    return _ce("conv1d_ce", _finish(model), torch.randn(5, 2, 5, dtype=DT), 3)
+
+
+def conv3d_ce() -> Case:
+    torch.manual_seed(35)
+    model = nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3))
+    return _ce("conv3d_ce", _finish(model), torch.randn(4, 1, 3, 3, 3, dtype=DT), 3)
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(tokens).mean(dim=1)))
+
+
+def embedding_ce() -> Case:
+    torch.manual_seed(36)
+    model = _finish(EmbeddingNet())
+    x = torch.randint(0, 6, (5, 4))
+    t = torch.randint(0, 3, (5,))
+    return Case("embedding_ce", model, nn.CrossEntropyLoss(), (x, t), [(x, t)], ce_sample, 1 / 5)
+
+
+def tiny_mlp_ce() -> Case:
+    """26 parameters: small enough for sample covariances with 20000 draws."""
+    torch.manual_seed(37)
+    model = _finish(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    return _ce("tiny_mlp_ce", model, torch.randn(6, 3, dtype=DT), 2)
+
+
+FACTORIES = {
+    f.__name__: f
+    for f in (
+        single_linear_mse_sum,
+        single_linear_mse_mean,
+        mlp_one_sample,
+        conv_single_position,
+        conv1d_single_position,
+        conv3d_single_position,
+        conv2d_pad,
+        conv2d_stride_dilation,
+        conv1d_pad,
+        conv3d_plain,
+        sequence_ce,
+        layernorm_mlp,
+        residual_ce,
+        conv1d_ce,
+        conv3d_ce,
+        embedding_ce,
+        tiny_mlp_ce,
+    )
+}
+FACTORIES.update(
+    mlp_ce_mean=cases_mlp_ce_mean,
+    cnn_ce=cases_cnn_ce,
+    bn_pool_dropout_ce=bn_pool_dropout_ce,
+    tied_embedding_ce=cases_tied_embedding_ce,
+    attention_ce=attention_ce,
+)
+
+
+@functools.cache
+def case(name: str) -> Case:
+    return FACTORIES[name]()
+
+
+@functools.cache
+def reference(name: str, kind: str = "ggn") -> torch.Tensor:
+    c = case(name)
+    if kind == "hessian":
+        return ref_hessian(c.model, c.loss_fn, c.batches, c.params)
+    fn = {"ggn": ref_ggn, "ef": ref_ef}[kind]
+    return fn(c.model, c.sample_loss, c.scale, c.batches, c.params)
+
+
+@functools.cache
+def structured(name: str, kind: str, structure: str, kfac: str = "expand"):
+    c = case(name)
+    extra = {"kfac": kfac} if kind != "hessian" and structure in ("kron", "ekfac") else {}
+    if structure == "lowrank":
+        extra = {"rank": 5}
+    return c.run(getattr(ck, kind), structure=structure, **extra)
+
+
+def _sub(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return M[idx[:, None], idx[None, :]]
+
+
+def _check_partition(op, P: int) -> None:
+    """``op.index`` covers every coordinate exactly once; labels and blocks line up."""
+    assert len(op.index) == len(op.labels) == len(op.blocks)
+    assert all(isinstance(lab, str) and lab for lab in op.labels), op.labels
+    allidx = torch.cat([i.reshape(-1) for i in op.index])
+    assert allidx.dtype == torch.long
+    assert torch.equal(allidx.sort().values, torch.arange(P)), (
+        f"blocks do not partition the {P} coordinates: {op.labels}"
+    )
+
+
+def _layer_index(model: nn.Module, prefix: str, layer: nn.Module) -> torch.Tensor:
+    """Global coordinates of a layer's (d_out, A) grid, row-major, bias as the last column."""
+    slices = ck.parameter_slices(model)
+    d = layer.weight.shape[0]
+    pre = f"{prefix}." if prefix else ""
+    w = slices[f"{pre}weight"]
+    cols = [torch.arange(w.start, w.stop).reshape(d, -1)]
+    if layer.bias is not None:
+        b = slices[f"{pre}bias"]
+        cols.append(torch.arange(b.start, b.stop).reshape(d, 1))
+    return torch.cat(cols, dim=1).reshape(-1)
+
+
+def _block_of(op, idx: torch.Tensor) -> int:
+    hits = [b for b, i in enumerate(op.index) if torch.equal(i.reshape(-1), idx)]
+    assert len(hits) == 1, f"expected one block with coordinates {idx.tolist()}, labels {op.labels}"
+    return hits[0]
+
+
+def _rule_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# KFAC from its definition
+# --------------------------------------------------------------------------------------------
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, R, C_in * prod(k)) layer inputs at each output position, ordered like weight[o]."""
+    n = x.shape[0]
+    if isinstance(layer, nn.Linear):
+        return x.reshape(n, -1, x.shape[-1])
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return cols.transpose(1, 2)
+    if isinstance(layer, nn.Conv1d):  # a 1-d conv is a 2-d conv with a height-1 kernel
+        cols = F.unfold(
+            x.unsqueeze(2),
+            (1, layer.kernel_size[0]),
+            (1, layer.dilation[0]),
+            (0, layer.padding[0]),
+            (1, layer.stride[0]),
+        )
+        return cols.transpose(1, 2)
+    assert isinstance(layer, nn.Conv3d)
+    assert layer.stride == (1, 1, 1) and layer.dilation == (1, 1, 1)
+    xp = F.pad(x, [p for p in reversed(layer.padding) for _ in range(2)])
+    k = layer.kernel_size
+    out = [s - kk + 1 for s, kk in zip(xp.shape[2:], k)]
+    rows = []
+    for i in range(out[0]):  # positions in the conv's (D, H, W) row-major output order
+        for j in range(out[1]):
+            for m in range(out[2]):
+                patch = xp[:, :, i : i + k[0], j : j + k[1], m : m + k[2]]
+                rows.append(patch.reshape(n, -1))
+    return torch.stack(rows, dim=1)
+
+
+def _pairs(model: nn.Module, layer: nn.Module, x: torch.Tensor):
+    """(outputs (N, C), acts (N, R, A), J (N, C, R, d)) with J = d f_n / d z_n per position."""
+    store = {}
+
+    def hook(mod, args, out):
+        store["in"], store["out"] = args[0], out
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            f = model(x)
+            z = store["out"]
+            rows = [
+                torch.autograd.grad(f[:, c].sum(), z, retain_graph=True)[0]
+                for c in range(f.shape[1])
+            ]
+    finally:
+        handle.remove()
+    n, d = x.shape[0], layer.weight.shape[0]
+    J = torch.stack(rows, dim=1)  # (N, C, *z.shape[1:])
+    if isinstance(layer, nn.Linear):
+        J = J.reshape(n, J.shape[1], -1, d)
+    else:
+        J = J.flatten(3).transpose(2, 3)
+    a = _patches(layer, store["in"].detach())
+    if layer.bias is not None:
+        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], dim=2)
+    return f.detach(), a, J.detach()
+
+
+def _output_matrices(c: Case, f: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """(N, C, C) M_n: the loss Hessian w.r.t. f_n (GGN) or u_n u_n^T, u_n = d l_n / d f_n (EF)."""
+    if kind == "ggn":
+        return ref_output_hessians(c.sample_loss, f.unsqueeze(1), t)
+
+    def l_n(f_n, t_n):
+        return c.sample_loss(f_n.unsqueeze(0), t_n.unsqueeze(0))
+
+    u = vmap(grad(l_n))(f, t)
+    return u[:, :, None] * u[:, None, :]
+
+
+def kfac_definition(c: Case, layer: nn.Module, mode: str, kind: str = "ggn") -> torch.Tensor:
+    x, t = c.batches[0]
+    f, a, J = _pairs(c.model, layer, x)
+    M = _output_matrices(c, f, t, kind)  # (N, C, C)
+    n, r = a.shape[:2]
+    if mode == "expand":
+        B = torch.einsum("ncrd,nce,nerf->df", J, M, J)
+        A = torch.einsum("nri,nrj->ij", a, a)
+        return c.scale * torch.kron(B, A) / (n * r)
+    Jb, ab = J.sum(2), a.mean(1)
+    B = torch.einsum("ncd,nce,nef->df", Jb, M, Jb)
+    return c.scale * torch.kron(B, ab.T @ ab) / n
+
+
+# --------------------------------------------------------------------------------------------
+# 1. KFAC is exact where it should be
+# --------------------------------------------------------------------------------------------
+EXACT_KFAC = (
+    "single_linear_mse_sum",
+    "single_linear_mse_mean",
+    "mlp_one_sample",
+    "conv_single_position",
+    "conv1d_single_position",
+    "conv3d_single_position",
+)
+
+
+@pytest.mark.parametrize(
+    "structure,mode",
+    [("kron", "expand"), ("kron", "reduce"), ("ekfac", "expand"), ("ekfac", "reduce")],
+)
+@pytest.mark.parametrize("name", EXACT_KFAC)
+def test_kfac_is_exact_where_the_ggn_factorises(name, structure, mode):
+    """One Linear under MSE (any N), or any net with one sample and one position per layer:
+    every KFAC (and EKFAC) block equals the exact GGN block."""
+    c = case(name)
+    G = reference(name)
+    op = structured(name, "ggn", structure, mode)
+    assert isinstance(op, ck.BlockDiagonalOperator)
+    _check_partition(op, c.num_params)
+    for prefix, layer in _rule_layers(c.model):
+        idx = _layer_index(c.model, prefix, layer)
+        b = _block_of(op, idx)
+        assert op.labels[b].startswith(type(layer).__name__), op.labels[b]
+    D = op.to_dense()
+    for b, idx in enumerate(op.index):
+        assert_close(_sub(D, idx), _sub(G, idx), what=f"{name} {structure}/{mode} {op.labels[b]}")
+    # every block is a rule layer here, so the whole operator is the block-diagonal of G
+    mask = torch.zeros_like(G)
+    for idx in op.index:
+        mask[idx[:, None], idx[None, :]] = 1
+    assert_close(D, G * mask, what=f"{name} {structure}/{mode} whole")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. KFAC equals its definition with weight sharing (conv positions, sequence positions)
+# --------------------------------------------------------------------------------------------
+DEFINITION_CASES = (
+    "conv2d_pad",
+    "conv2d_stride_dilation",
+    "conv1d_pad",
+    "conv3d_plain",
+    "sequence_ce",
+    "mlp_ce_mean",
+    "cnn_ce",
+)
+
+
+@pytest.mark.parametrize("mode", KFAC_MODES)
+@pytest.mark.parametrize("name", DEFINITION_CASES)
+def test_kfac_matches_its_definition(name, mode):
+    c = case(name)
+    op = structured(name, "ggn", "kron", mode)
+    _check_partition(op, c.num_params)
+    D = op.to_dense()
+    layers = _rule_layers(c.model)
+    assert len(op.index) == len(layers), op.labels  # all parameters sit in rule layers
+    for prefix, layer in layers:
+        idx = _layer_index(c.model, prefix, layer)
+        b = _block_of(op, idx)
+        assert op.labels[b].startswith(type(layer).__name__), op.labels[b]
+        assert_close(_sub(D, idx), kfac_definition(c, layer, mode), what=f"{name} {mode} {prefix}")
+
+
+def test_expand_and_reduce_differ_with_weight_sharing():
+    """Guard against a definition test that passes trivially: with R > 1 the two differ."""
+    for name in ("conv2d_pad", "sequence_ce"):
+        e = structured(name, "ggn", "kron", "expand").to_dense()
+        r = structured(name, "ggn", "kron", "reduce").to_dense()
+        assert rel_error(e, r) > 1e-3, name
+
+
+@pytest.mark.parametrize("mode", KFAC_MODES)
+def test_kfac_over_several_batches_equals_one_concatenated_batch(mode):
+    c = case("sequence_ce")
+    x, t = c.batches[0]
+    batches = [(x[:1], t[:1]), (x[1:], t[1:])]
+    split = ck.ggn(c.model, c.loss_fn, batches, structure="kron", kfac=mode, progress=False)
+    one = structured("sequence_ce", "ggn", "kron", mode)
+    assert_close(split.to_dense(), one.to_dense(), what=f"sequence_ce {mode} batches")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. exact diagonals
+# --------------------------------------------------------------------------------------------
+DIAG_CASES = [
+    ("mlp_ce_mean", "ggn"),
+    ("cnn_ce", "ggn"),
+    ("layernorm_mlp", "ggn"),
+    ("sequence_ce", "ggn"),
+    ("mlp_ce_mean", "ef"),
+    ("cnn_ce", "ef"),
+    ("layernorm_mlp", "ef"),
+    ("mlp_ce_mean", "hessian"),
+    ("cnn_ce", "hessian"),
+    ("layernorm_mlp", "hessian"),
+]
+
+
+@pytest.mark.parametrize("name,kind", DIAG_CASES)
+def test_exact_diagonal(name, kind):
+    c = case(name)
+    ref = reference(name, kind)
+    op = structured(name, kind, "diag")
+    assert isinstance(op, ck.BlockDiagonalOperator)
+    _check_partition(op, c.num_params)
+    assert_close(op.diagonal(), ref.diagonal(), what=f"{name} {kind} diagonal()")
+    assert_close(op.to_dense(), torch.diag(ref.diagonal()), what=f"{name} {kind} to_dense()")
+    assert_close(op.trace(), ref.trace(), what=f"{name} {kind} trace")
+
+
+def test_layernorm_parameters_get_an_exact_fallback():
+    c = case("layernorm_mlp")
+    slices = ck.parameter_slices(c.model)
+    ln = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in ("1.weight", "1.bias")])
+    G = reference("layernorm_mlp")
+    for structure in ("kron", "ekfac", "diag", "block"):
+        op = structured("layernorm_mlp", "ggn", structure)
+        b = _block_of(op, ln)
+        assert "exact" in op.labels[b], (structure, op.labels)
+        want = _sub(G, ln) if structure != "diag" else torch.diag(_sub(G, ln).diagonal())
+        assert_close(_sub(op.to_dense(), ln), want, what=f"LayerNorm block under {structure}")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. exact per-layer / per-module blocks
+# --------------------------------------------------------------------------------------------
+BLOCK_CASES = [
+    ("mlp_ce_mean", "ggn"),
+    ("cnn_ce", "ggn"),
+    ("sequence_ce", "ggn"),
+    ("layernorm_mlp", "ggn"),
+    ("embedding_ce", "ggn"),
+    ("mlp_ce_mean", "ef"),
+    ("cnn_ce", "ef"),
+    ("mlp_ce_mean", "hessian"),
+    ("layernorm_mlp", "hessian"),
+]
+
+
+@pytest.mark.parametrize("name,kind", BLOCK_CASES)
+def test_exact_blocks(name, kind):
+    c = case(name)
+    ref = reference(name, kind)
+    op = structured(name, kind, "block")
+    _check_partition(op, c.num_params)
+    D = op.to_dense()
+    mask = torch.zeros_like(ref)
+    for b, idx in enumerate(op.index):
+        assert_close(_sub(D, idx), _sub(ref, idx), what=f"{name} {kind} {op.labels[b]}")
+        mask[idx[:, None], idx[None, :]] = 1
+    assert_close(D, ref * mask, what=f"{name} {kind} off-block zeros")
+    # a Linear / Conv layer's block holds its weight and bias together
+    blocks = [set(i.tolist()) for i in op.index]
+    for prefix, layer in _rule_layers(c.model):
+        assert set(_layer_index(c.model, prefix, layer).tolist()) in blocks, (prefix, op.labels)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. algebra of damped operators against their dense matrices
+# --------------------------------------------------------------------------------------------
+STRUCTURES = ("kron", "ekfac", "diag", "block", "lowrank")
+DAMPING = 0.3
+
+
+def _vectors(p: int, k: int | None = None, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*((p,) if k is None else (p, k)), generator=g, dtype=DT)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("name", ["layernorm_mlp", "cnn_ce"])
+def test_damped_operator_algebra(name, structure):
+    c = case(name)
+    n = c.num_params
+    op = structured(name, "ggn", structure)
+    assert tuple(op.shape) == (n, n)
+    A = op.to_dense()
+    assert A.dtype == DT
+    assert_close(A, A.T, rtol=1e-12, what="symmetry")
+    lam = torch.linalg.eigvalsh(A)
+    assert lam.min() >= -1e-10 * lam.max(), f"{structure}: not PSD (min eig {lam.min():.3g})"
+
+    P = op.add_identity(DAMPING)
+    D = P.to_dense()
+    eye = torch.eye(n, dtype=DT)
+    what = f"{name} {structure}"
+    assert_close(D, A + DAMPING * eye, what=f"{what} add_identity")
+    assert_close(op.to_dense(), A, rtol=0, atol_scale=0, what=f"{what} add_identity mutated op")
+    assert_close(P.trace(), D.trace(), what=f"{what} trace")
+    assert_close(P.logdet(), torch.logdet(D), what=f"{what} logdet")
+    assert_close(P.diagonal(), D.diagonal(), what=f"{what} diagonal")
+    v, V = _vectors(n), _vectors(n, 3, seed=2)
+    assert_close(P @ v, D @ v, what=f"{what} matvec")
+    assert_close(P @ V, D @ V, what=f"{what} matmat")
+    assert_close(op @ V, A @ V, what=f"{what} undamped matmat")
+    assert_close(P.solve(v), torch.linalg.solve(D, v), what=f"{what} solve (P,)")
+    assert_close(P.solve(V), torch.linalg.solve(D, V), what=f"{what} solve (P, k)")
+    inv = P.inverse()
+    assert_close(inv.to_dense(), torch.linalg.inv(D), what=f"{what} inverse")
+    assert_close(inv @ (P @ V), V, what=f"{what} inverse @ P")
+    assert_close(P.eigenvalues(), torch.linalg.eigvalsh(D).flip(0), what=f"{what} eigenvalues")
+
+
+def test_lowrank_holds_the_top_eigenpairs():
+    c = case("layernorm_mlp")
+    G = reference("layernorm_mlp")
+    op = structured("layernorm_mlp", "ggn", "lowrank")
+    assert isinstance(op, ck.LowRankOperator)
+    lam, U = torch.linalg.eigh(G)
+    top = lam.flip(0)[:5]
+    assert_close(
+        torch.linalg.eigvalsh(op.to_dense()).flip(0)[:5],
+        top,
+        rtol=1e-6,
+        what="low-rank eigenvalues",
+    )
+    assert torch.linalg.matrix_rank(op.to_dense()) == 5
+    # the operator is G's top-5 part. ck.ggn runs Lanczos at top_eigenvalues' default tol=1e-4,
+    # a bound on the Ritz VALUES' error min(r, r^2/gap); the vectors are only accurate to
+    # sin(angle) <= r/gap <= sqrt(tol * theta / gap) (~1e-2 for these gaps), hence rtol 1e-2.
+    assert bool((top[:-1] - top[1:] > 1e-3 * top[0]).all()) and top[4] - lam.flip(0)[5] > 1e-3
+    Uk = U.flip(1)[:, :5]
+    assert_close(op.to_dense(), Uk @ torch.diag(top) @ Uk.T, rtol=1e-2, what="low-rank matrix")
+    assert c.num_params > 5
+
+
+# --------------------------------------------------------------------------------------------
+# 6. sampling from N(0, P^-1)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_samples_have_the_inverse_covariance(structure):
+    """X (n, P) with rows ~ N(0, S), S = inv(P). The known-mean estimate C = X^T X / n has
+    E ||C - S||_F^2 = (||S||_F^2 + tr(S)^2) / n (Wishart: Var C_ij = (S_ij^2 + S_ii S_jj) / n).
+    ``||C - S||_F`` concentrates around its RMS, so 4 RMS is a >10-sigma-safe bound for a
+    correct sampler while A^-1 (instead of A^-1/2) or a missing damping lands far outside.
+    The mean: n m^T P m ~ chi^2(P); P + 8 sqrt(2P) is far beyond its 99.99 % quantile.
+    """
+    name = "tiny_mlp_ce"
+    n_par = case(name).num_params
+    assert n_par <= 30
+    P = structured(name, "ggn", structure).add_identity(DAMPING)
+    D = P.to_dense()
+    S = torch.linalg.inv(D)
+    n = 20000
+    X = P.sample(n, generator=torch.Generator().manual_seed(0))
+    assert tuple(X.shape) == (n, n_par) and X.dtype == DT
+    C = X.T @ X / n
+    rms = math.sqrt((torch.linalg.norm(S) ** 2 + S.trace() ** 2).item() / n)
+    err = torch.linalg.norm(C - S).item()
+    assert err <= 4 * rms, f"{structure}: ||cov - P^-1||_F = {err:.3g} > 4 * {rms:.3g}"
+    assert rel_error(C, S) < 0.25
+    m = X.mean(0)
+    chi2 = n * (m @ D @ m).item()
+    assert chi2 <= n_par + 8 * math.sqrt(2 * n_par), f"{structure}: mean chi2 {chi2:.3g}"
+    again = P.sample(5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, P.sample(5, generator=torch.Generator().manual_seed(0)))
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Monte-Carlo Fisher converges to the GGN, structure by structure
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_mc_fisher_structure_converges_to_ggn(structure):
+    name = "mlp_ce_mean"
+    c = case(name)
+    G = structured(name, "ggn", structure).to_dense()
+    errs = {}
+    for s in (1, 500):
+        Fm = c.run(
+            ck.fisher, structure=structure, mc_samples=s, generator=torch.Generator().manual_seed(0)
+        )
+        assert isinstance(Fm, ck.BlockDiagonalOperator)
+        errs[s] = rel_error(Fm.to_dense(), G)
+    # the error of a mean of S i.i.d. draws scales like 1/sqrt(S): 1/22 from S=1 to S=500
+    assert errs[500] < errs[1] / 5, errs
+    assert errs[500] < 0.1, errs
+
+
+# --------------------------------------------------------------------------------------------
+# 8. EKFAC: KFAC's eigenbasis, with the optimal diagonal in it
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", KFAC_MODES)
+@pytest.mark.parametrize("name", ["mlp_ce_mean", "cnn_ce", "sequence_ce", "conv2d_pad"])
+def test_ekfac_is_the_best_diagonal_in_the_kfac_eigenbasis(name, mode):
+    """With K = U diag(l) U^T (KFAC) and G the exact block, EKFAC is E = U diag(diag(U^T G U)) U^T,
+    the Frobenius projection of G onto the matrices diagonal in U. Basis-free consequences
+    (they hold for any eigenbasis U of K, so degenerate KFAC eigenvalues do not matter):
+    E K = K E;  tr(K^j E) = tr(K^j G) for j = 0, 1, 2;  tr(E G) = tr(E E) (orthogonal projection);
+    and hence ||E - G||_F <= ||K - G||_F.
+    """
+    G = reference(name)
+    K_op = structured(name, "ggn", "kron", mode)
+    E_op = structured(name, "ggn", "ekfac", mode)
+    assert [i.tolist() for i in K_op.index] == [i.tolist() for i in E_op.index]
+    K_all, E_all = K_op.to_dense(), E_op.to_dense()
+    rules = [b for b, lab in enumerate(E_op.labels) if "exact" not in lab]
+    assert rules, E_op.labels
+    for b in rules:
+        idx = E_op.index[b]
+        K, E, Gb = _sub(K_all, idx), _sub(E_all, idx), _sub(G, idx)
+        what = f"{name} {mode} {E_op.labels[b]}"
+        scale = (torch.linalg.norm(E) * torch.linalg.norm(K)).item()
+        assert torch.linalg.norm(E @ K - K @ E).item() <= 1e-10 * scale, f"{what}: E K != K E"
+        Kj = torch.eye(idx.numel(), dtype=DT)
+        for j in range(3):
+            assert_close((Kj @ E).trace(), (Kj @ Gb).trace(), what=f"{what}: tr(K^{j} E)")
+            Kj = Kj @ K
+        assert_close((E @ Gb).trace(), (E @ E).trace(), what=f"{what}: tr(E G) = tr(E E)")
+        err_e, err_k = torch.linalg.norm(E - Gb).item(), torch.linalg.norm(K - Gb).item()
+        assert err_e <= err_k + 1e-12 * torch.linalg.norm(Gb).item(), (
+            f"{what}: EKFAC {err_e:.3g} > KFAC {err_k:.3g}"
+        )
+    for b, lab in enumerate(E_op.labels):
+        if b not in rules:  # fallback blocks are exact in both
+            assert_close(_sub(E_all, E_op.index[b]), _sub(K_all, K_op.index[b]), what=lab)
+
+
+# --------------------------------------------------------------------------------------------
+# 9. models that are not a plain stack of Linear / Conv2d layers
+# --------------------------------------------------------------------------------------------
+ODD_MODELS = (
+    "residual_ce",
+    "layernorm_mlp",
+    "bn_pool_dropout_ce",
+    "conv1d_ce",
+    "conv3d_ce",
+    "embedding_ce",
+    "tied_embedding_ce",
+    "attention_ce",
+)
+
+
+@pytest.mark.parametrize("name", ODD_MODELS)
+def test_odd_models_diag_and_kron(name):
+    c = case(name)
+    G = reference(name)
+    diag = structured(name, "ggn", "diag")
+    _check_partition(diag, c.num_params)
+    assert_close(diag.to_dense().diagonal(), G.diagonal(), what=f"{name} diag")
+
+    kron = structured(name, "ggn", "kron")
+    _check_partition(kron, c.num_params)
+    D = kron.to_dense()
+    assert_close(D, D.T, rtol=1e-12, what=f"{name} kron symmetry")
+    assert torch.isfinite(D).all()
+    for b, (lab, idx) in enumerate(zip(kron.labels, kron.index)):
+        if "exact dense block" in lab:
+            assert_close(_sub(D, idx), _sub(G, idx), what=f"{name} {lab}")
+        elif "exact diagonal" in lab:
+            assert_close(_sub(D, idx), torch.diag(_sub(G, idx).diagonal()), what=f"{name} {lab}")
+        else:
+            assert "kron" in lab, lab
+        assert kron.labels[b] == lab
+    # every Linear / Conv whose weight is not shared gets a Kronecker block labelled by its type
+    uses: dict[int, int] = {}
+    for mod in c.model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+    rules = 0
+    for prefix, layer in _rule_layers(c.model):
+        if uses[id(layer.weight)] > 1:
+            continue
+        rules += 1
+        b = _block_of(kron, _layer_index(c.model, prefix, layer))
+        lab = kron.labels[b]
+        assert lab.startswith(type(layer).__name__) and "kron" in lab, lab
+    assert rules >= 1
+
+
+def test_tied_weight_falls_back_to_an_exact_block():
+    c = case("tied_embedding_ce")
+    G = reference("tied_embedding_ce")
+    slices = ck.parameter_slices(c.model)
+    emb = torch.arange(slices["emb.weight"].start, slices["emb.weight"].stop)
+    for structure in ("kron", "ekfac", "block"):
+        op = structured("tied_embedding_ce", "ggn", structure)
+        hits = [b for b, i in enumerate(op.index) if set(emb.tolist()) <= set(i.tolist())]
+        assert len(hits) == 1, op.labels
+        b = hits[0]
+        assert "exact" in op.labels[b], op.labels[b]
+        assert_close(
+            _sub(op.to_dense(), op.index[b]),
+            _sub(G, op.index[b]),
+            what=f"tied weight block under {structure}",
+        )
+
+
+def test_hessian_refuses_kfac():
+    c = case("mlp_ce_mean")
+    for structure in ("kron", "ekfac"):
+        with pytest.raises(ck.CurvkitValueError):
+            c.run(ck.hessian, structure=structure)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "block"])
+@pytest.mark.parametrize("name", ["mlp_ce_mean", "sequence_ce"])
+def test_ef_structures_match_the_empirical_fisher(name, structure):
+    """The EF's output-space factor is the per-sample gradient u_n (M_n = u_n u_n^T): its block and
+    diagonal are exact, and its KFAC is the definition with that M_n."""
+    E = reference(name, "ef")
+    op = structured(name, "ef", structure)
+    _check_partition(op, case(name).num_params)
+    D = op.to_dense()
+    if structure == "kron":
+        for prefix, layer in _rule_layers(case(name).model):
+            idx = _layer_index(case(name).model, prefix, layer)
+            _block_of(op, idx)
+            want = kfac_definition(case(name), layer, "expand", kind="ef")
+            assert_close(_sub(D, idx), want, what=f"{name} ef kron {prefix}")
+        return
+    for b, idx in enumerate(op.index):
+        want = _sub(E, idx) if structure == "block" else torch.diag(_sub(E, idx).diagonal())
+        assert_close(_sub(D, idx), want, what=f"{name} ef {structure} {op.labels[b]}")
