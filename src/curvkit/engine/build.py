@@ -140,7 +140,10 @@ def _accumulate(store: dict, key, stat: tuple) -> None:
         return
     acc = store[key]
     for i, v in enumerate(stat):
-        acc[i] = acc[i] + v
+        if isinstance(v, torch.Tensor):
+            acc[i].add_(v)
+        else:
+            acc[i] += v
 
 
 def _group_index(layout, names, device) -> torch.Tensor:

@@ -34,15 +34,17 @@ def per_sample_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def kfac_factors(a, g, signs, mode: str):
     """(B (d,d), A (A,A), count) of one batch for ``mode`` in ('expand', 'reduce')."""
-    if mode == "reduce" or a.shape[1] == 1:
-        a2, g2 = a.mean(1), g.sum(2)  # (N, A), (N, K, d)
-        count = a.shape[0]
+    if a.shape[1] == 1:  # one position: both modes agree; views, no copies
+        a2, g2, count = a[:, 0], g[:, :, 0], a.shape[0]
+    elif mode == "reduce":
+        a2, g2, count = a.mean(1), g.sum(2), a.shape[0]  # (N, A), (N, K, d)
     else:
         a2, g2 = a.reshape(-1, a.shape[-1]), g.transpose(1, 2).reshape(-1, g.shape[1], g.shape[-1])
         signs = None if signs is None else signs.repeat_interleave(a.shape[1], dim=0)
         count = a2.shape[0]
-    gs = _signed(g2, signs).reshape(-1, g2.shape[-1])
-    return gs.T @ g2.reshape(-1, g2.shape[-1]), a2.T @ a2, count
+    g2 = g2.reshape(-1, g2.shape[-1])
+    gs = g2 if signs is None else _signed(g2.view(-1, signs.shape[1], g2.shape[-1]), signs)
+    return gs.reshape(-1, g2.shape[-1]).T @ g2, a2.T @ a2, count
 
 
 def ekfac_eigenvalues(a, g, signs, UB, UA) -> torch.Tensor:

@@ -44,44 +44,67 @@ def _pow(lam: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class KronBlock(Block):
-    """(U_B ⊗ U_A) diag(vec λ) (U_B ⊗ U_A)ᵀ with U_B (d, d), U_A (A, A), λ (d, A)."""
+    """(U_B ⊗ U_A) diag(vec λ) (U_B ⊗ U_A)ᵀ with U_B (d, d), U_A (A, A), λ (d, A).
 
-    def __init__(self, UB: torch.Tensor, UA: torch.Tensor, lam: torch.Tensor):
-        self.UB, self.UA, self.lam = UB, UA, lam
-        self.size = lam.numel()
+    Built from factors (KFAC: B ⊗ A), the eigendecomposition waits until an operation needs
+    it (logdet, solve, inverse, sampling, damping): products, diagonal and trace use B and A."""
+
+    def __init__(self, UB=None, UA=None, lam=None, *, factors=None):
+        self.UB, self.UA, self.lam, self.factors = UB, UA, lam, factors
+        d, A = (factors[0].shape[0], factors[1].shape[0]) if factors is not None else lam.shape
+        self.shape2 = (d, A)
+        self.size = d * A
 
     @classmethod
     def from_factors(cls, B: torch.Tensor, A: torch.Tensor) -> KronBlock:
-        lb, UB = torch.linalg.eigh(B)
-        la, UA = torch.linalg.eigh(A)
-        return cls(UB, UA, lb[:, None] * la[None, :])
+        return cls(factors=(B, A))
+
+    def _eig(self) -> KronBlock:
+        if self.lam is None:
+            B, A = self.factors
+            lb, self.UB = torch.linalg.eigh(B)
+            la, self.UA = torch.linalg.eigh(A)
+            self.lam = lb[:, None] * la[None, :]
+        return self
 
     def matmat(self, X):
-        d, A = self.lam.shape
+        d, A = self.shape2
         k = X.shape[1]
         Y = X.T.reshape(k, d, A)
+        if self.factors is not None:
+            B, Af = self.factors
+            return (B @ Y @ Af).reshape(k, -1).T
         Y = self.UB.T @ Y @ self.UA
         Y = self.UB @ (Y * self.lam) @ self.UA.T
         return Y.reshape(k, -1).T
 
     def diagonal(self):
+        if self.factors is not None:
+            B, A = self.factors
+            return torch.outer(B.diagonal(), A.diagonal()).reshape(-1)
         return (self.UB.square() @ self.lam @ self.UA.square().T).reshape(-1)
 
     def to_dense(self):
+        if self.factors is not None:
+            return torch.kron(*self.factors)
         U = torch.kron(self.UB, self.UA)
         return (U * self.lam.reshape(-1)) @ U.T
 
     def eigenvalues(self):
-        return self.lam.reshape(-1)
+        return self._eig().lam.reshape(-1)
 
     def trace(self):
+        if self.factors is not None:
+            return self.factors[0].trace() * self.factors[1].trace()
         return self.lam.sum()
 
     def shifted(self, delta):
-        return KronBlock(self.UB, self.UA, self.lam + delta)
+        e = self._eig()
+        return KronBlock(e.UB, e.UA, e.lam + delta)
 
     def power(self, p):
-        return KronBlock(self.UB, self.UA, _pow(self.lam, p))
+        e = self._eig()
+        return KronBlock(e.UB, e.UA, _pow(e.lam, p))
 
 
 class DenseBlock(Block):

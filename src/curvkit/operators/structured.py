@@ -81,7 +81,9 @@ class BlockDiagonalOperator(LinearOperator):
 
 
 def _first_tensor(b: Block) -> torch.Tensor:
+    if getattr(b, "factors", None) is not None:
+        return b.factors[0]
     for name in ("lam", "M", "v"):
-        if hasattr(b, name):
+        if getattr(b, name, None) is not None:
             return getattr(b, name)
     raise TypeError(type(b))  # pragma: no cover
