@@ -101,7 +101,16 @@ def part1() -> None:
     eh, eg, ee = (torch.linalg.eigvalsh(M) for M in (H, G, E))
     scale = float(eh.abs().max())
     print()
-    print(f"Eigenvalues of the Hessian (sorted): {compact(eh)}")
+    shown = torch.where(eh.abs() < 1e-12 * scale, torch.zeros_like(eh), eh)
+    n_zero = int((eh.abs() < 1e-12 * scale).sum())
+    print("Eigenvalues of the Hessian, sorted (|value| < 1e-12 x the largest shown as 0):")
+    print(f"    {compact(shown[:11])}")
+    print(f"    {compact(shown[11:])}")
+    print(
+        f"{n_zero} are zero: with no non-linearity between them, the two Linear layers act only "
+        "through\ntheir product (one 2-to-1 linear map), so many parameter directions are "
+        "redundant."
+    )
     n_neg = int((eh < -1e-10 * scale).sum())
     print(
         f"The Hessian has {n_neg} negative eigenvalue(s) out of {P}: at these weights the loss "
