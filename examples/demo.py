@@ -257,7 +257,7 @@ def part3() -> None:
     print(f"    {compact(top, 4)}")
     t = time.perf_counter()
     x, dens = ck.spectral_density(
-        H, num_probes=3, steps=60, generator=torch.Generator().manual_seed(0)
+        H, num_probes=2, steps=40, generator=torch.Generator().manual_seed(0)
     )
     path = ck.plot_spectral_density(
         x, dens, "demo_spectral_density.png", title="Hessian spectral density (SLQ), digits MLP"
