@@ -17,8 +17,8 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side):
     """One forward pass, then the factor's columns backpropagated to every rule layer.
 
     ``side(out) -> (F (N, C, K), σ)`` turns the output into the factor. Returns
-    (acts: list of (N, R, A), grads: list of (N, K, R, d), F, σ), where
-    grads[l][n, k] = ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer l's output)."""
+    (acts: list of (N, R, A), grads: list of (K, N, R, d), F, σ), where
+    grads[l][k, n] = ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer l's output)."""
     f = fw.perturbed(batch, layers)
     ref = fw.layout.tensors[0]
     eps0 = [
@@ -28,7 +28,7 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side):
     F, signs = side(out.detach())
     cots = F.permute(2, 0, 1).reshape(F.shape[2], *out.shape)  # (K, *out)
     (grads,) = vmap(pullback)(cots)
-    return acts, [l.positions_last(g).transpose(0, 1) for l, g in zip(layers, grads)], F, signs
+    return acts, [l.positions_last(g) for l, g in zip(layers, grads)], F, signs
 
 
 def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], chunk: int | None):

@@ -1,7 +1,7 @@
 """Structured reductions of the pairs (aₙ, gₙₖ): KFAC, EKFAC, exact diagonals, per-layer blocks.
 
-With Gₙₖ = Σᵣ gₙₖᵣ aₙᵣᵀ the per-sample, per-column gradient of a rule layer (d, A), and σₙₖ the
-signs of the factor columns:
+With Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ the per-sample, per-column gradient of a rule layer (d, A) — inputs a
+(N, R, A), backpropagated columns g (K, N, R, d) — and σₙₖ the signs of the factor columns:
 
     diag     Σₙₖ σ Gₙₖ ⊙ Gₙₖ
     block    Σₙₖ σ vec Gₙₖ vec Gₙₖᵀ
@@ -21,57 +21,96 @@ from .forward import RuleLayer
 
 
 def _signed(g: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
-    """g (N, K, ...) times signs (N, K)."""
+    """g (K, N, ...) times signs (N, K)."""
     if signs is None:
         return g
-    return g * signs.reshape(*signs.shape, *([1] * (g.dim() - 2)))
+    return g * signs.T.reshape(*signs.T.shape, *([1] * (g.dim() - 2)))
 
 
-def per_sample_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """(N, K, d, A): Gₙₖ = Σᵣ gₙₖᵣ aₙᵣᵀ."""
-    return torch.einsum("nkrd,nra->nkda", g, a)
+def gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+    """Xᵀ Y, and for Y = X (symmetric) three quarter-size GEMMs instead of four."""
+    if Y is not None or X.shape[1] < 256:
+        return X.T @ (X if Y is None else Y)
+    h = X.shape[1] // 2
+    a, b = X[:, :h], X[:, h:]
+    out = torch.empty(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
+    out[:h, :h] = a.T @ a
+    out[:h, h:] = a.T @ b
+    out[h:, :h] = out[:h, h:].T
+    out[h:, h:] = b.T @ b
+    return out
+
+
+def _sample_chunks(n: int, per_sample: int, budget: int = 2**25):
+    """Sample ranges whose per-sample temporaries of ``per_sample`` elements fit ``budget``."""
+    step = max(1, budget // max(per_sample, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _per_sample_sq_sum(a, g, signs) -> torch.Tensor:
+    """Σₙₖ σ Gₙₖ⊙² with Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ, chunked over samples (batched GEMMs)."""
+    K, N, R, d = g.shape
+    out = torch.zeros(d, a.shape[-1], dtype=a.dtype, device=a.device)
+    for sl in _sample_chunks(N, K * d * a.shape[-1]):
+        G = torch.matmul(g[:, sl].transpose(-1, -2), a[sl])  # (K, n, d, A)
+        G.square_()
+        if signs is not None:
+            G.mul_(signs[sl].T[:, :, None, None])
+        out += G.sum((0, 1))
+    return out
 
 
 def kfac_factors(a, g, signs, mode: str):
-    """(B (d,d), A (A,A), count) of one batch for ``mode`` in ('expand', 'reduce')."""
-    if a.shape[1] == 1:  # one position: both modes agree; views, no copies
-        a2, g2, count = a[:, 0], g[:, :, 0], a.shape[0]
+    """(B (d,d), A (A,A), count) of one batch for ``mode`` in ('expand', 'reduce').
+
+    a: (N, R, A) inputs; g: (K, N, R, d) backpropagated factor columns."""
+    K, N, R, d = g.shape
+    if R == 1:  # one position: both modes agree; views, no copies
+        a2, g2, count = a[:, 0], g[:, :, 0], N
     elif mode == "reduce":
-        a2, g2, count = a.mean(1), g.sum(2), a.shape[0]  # (N, A), (N, K, d)
+        a2, g2, count = a.mean(1), g.sum(2), N  # (N, A), (K, N, d)
     else:
-        a2, g2 = a.reshape(-1, a.shape[-1]), g.transpose(1, 2).reshape(-1, g.shape[1], g.shape[-1])
-        signs = None if signs is None else signs.repeat_interleave(a.shape[1], dim=0)
-        count = a2.shape[0]
-    g2 = g2.reshape(-1, g2.shape[-1])
-    gs = g2 if signs is None else _signed(g2.view(-1, signs.shape[1], g2.shape[-1]), signs)
-    return gs.reshape(-1, g2.shape[-1]).T @ g2, a2.T @ a2, count
+        a2, g2, count = a.reshape(-1, a.shape[-1]), g, N * R
+    g2 = g2.reshape(-1, d)  # rows ordered (k, n[, r])
+    if signs is None:
+        B = gram(g2)
+    else:
+        w = signs.T if g2.shape[0] == K * N else signs.T[:, :, None].expand(K, N, R)
+        B = gram(g2 * w.reshape(-1, 1), g2)
+    return B, gram(a2), count
 
 
 def ekfac_eigenvalues(a, g, signs, UB, UA) -> torch.Tensor:
     """(d, A): Σₙₖ σ (U_Bᵀ Gₙₖ U_A)⊙²."""
     gp, ap = g @ UB, a @ UA
     if a.shape[1] == 1:
-        return (_signed(gp[:, :, 0].square(), signs).sum(1)).T @ ap[:, 0].square()
-    return _signed(per_sample_grads(ap, gp).square(), signs).sum((0, 1))
+        return _signed(gp[:, :, 0].square(), signs).sum(0).T @ ap[:, 0].square()
+    return _per_sample_sq_sum(ap, gp, signs)
 
 
 def diag(a, g, signs) -> torch.Tensor:
     """(d, A): Σₙₖ σ Gₙₖ⊙²."""
     if a.shape[1] == 1:
-        return _signed(g[:, :, 0].square(), signs).sum(1).T @ a[:, 0].square()
-    return _signed(per_sample_grads(a, g).square(), signs).sum((0, 1))
+        return _signed(g[:, :, 0].square(), signs).sum(0).T @ a[:, 0].square()
+    return _per_sample_sq_sum(a, g, signs)
 
 
 def block(a, g, signs) -> torch.Tensor:
     """(d·A, d·A): Σₙₖ σ vec Gₙₖ vec Gₙₖᵀ (row-major vec over (d, A))."""
-    n, k = g.shape[:2]
-    d, A = g.shape[-1], a.shape[-1]
-    if a.shape[1] == 1:
-        g1 = g[:, :, 0]  # (N, K, d)
-        Q = _signed(g1, signs).transpose(1, 2) @ g1
+    K, N, R, d = g.shape
+    A = a.shape[-1]
+    if R == 1:
+        g1 = g[:, :, 0].transpose(0, 1)  # (N, K, d)
+        s1 = g1 if signs is None else g1 * signs[:, :, None]
+        Q = s1.transpose(1, 2) @ g1
         return _kron_gemm(Q, a[:, 0], a[:, 0]).reshape(d * A, d * A)
-    G = per_sample_grads(a, g).reshape(n, k, d * A)
-    return (_signed(G, signs).reshape(-1, d * A)).T @ G.reshape(-1, d * A)
+    out = torch.zeros(d * A, d * A, dtype=a.dtype, device=a.device)
+    for sl in _sample_chunks(N, K * d * A):
+        G = torch.matmul(g[:, sl].transpose(-1, -2), a[sl]).reshape(-1, d * A)
+        S = G if signs is None else G * signs[sl].T.reshape(-1, 1)
+        out += S.T @ G
+    return out
 
 
 def layer_index(layer: RuleLayer, device) -> torch.Tensor:
