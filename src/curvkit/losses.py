@@ -64,8 +64,14 @@ class Loss:
 
     def per_sample_grads(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """(N, C): row n is ∇ℓₙ w.r.t. the flattened output of sample n."""
+        closed = self._closed_form_grad(out.detach(), tgt)
+        if closed is not None:
+            return closed.reshape(out.shape[0], -1)
         flat = out.detach().reshape(out.shape[0], -1)
         return grad(self._flat_fn(out, tgt))(flat)
+
+    def _closed_form_grad(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def output_hessian(self, out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """(N, C, C): ∂²ℓₙ/∂fₙ², closed form where known, else C batched HVPs."""
@@ -119,10 +125,11 @@ class Loss:
 
     def fisher_factors(self, out, tgt, mc_samples: int, generator) -> torch.Tensor:
         """(N, C, S): sampled gradients / √S, so that F̂ₙ = UₙUₙᵀ."""
-        Y = torch.stack(
-            [self.sample_targets(out.detach(), tgt, generator) for _ in range(mc_samples)]
-        )
-        cols = vmap(lambda y: self.per_sample_grads(out, y))(Y)  # (S, N, C)
+        Y = [self.sample_targets(out.detach(), tgt, generator) for _ in range(mc_samples)]
+        if self._closed_form_grad(out.detach(), Y[0]) is not None:
+            cols = torch.stack([self.per_sample_grads(out, y) for y in Y])  # (S, N, C)
+        else:
+            cols = vmap(lambda y: self.per_sample_grads(out, y))(torch.stack(Y))
         return cols.permute(1, 2, 0) / mc_samples**0.5
 
 
@@ -208,10 +215,25 @@ class CrossEntropy(Loss):
         k = self._kappa(out, tgt)
         if k is None:
             return None
-        # diag(p) − ppᵀ = (diag(√p) − p√pᵀ)(diag(√p) − √p pᵀ), since Σ p = 1.
+        # diag(p) − ppᵀ = F Fᵀ with F = diag(√p) − p√pᵀ, since Σ p = 1. F √p = 0, so F keeps its
+        # product with an orthonormal basis of √p's complement: C − 1 columns instead of C.
+        # The basis is a Householder reflection sending √p to ∓e_C.
         p = out.softmax(dim=1)
-        sq = p.sqrt()
-        return (torch.diag_embed(sq) - p[:, :, None] * sq[:, None, :]) * k.sqrt()[:, None, None]
+        u = p.sqrt()
+        root = torch.diag_embed(u) - p[:, :, None] * u[:, None, :]
+        w = u.clone()
+        w[:, -1] += 1.0  # √p + e_C: never small, since √p ≥ 0
+        rw = root[:, :, -1:]  # root w = root(√p + e_C) = root e_C
+        reflected = root - 2 * rw * w[:, None, :] / (w * w).sum(1)[:, None, None]
+        return reflected[:, :, :-1] * k.sqrt()[:, None, None]
+
+    def _closed_form_grad(self, out, tgt):
+        k = self._kappa(out, tgt)
+        if k is None:
+            return None
+        p = out.softmax(dim=1)
+        onehot = F.one_hot(tgt.clamp(0, out.shape[1] - 1), out.shape[1]).to(out.dtype)
+        return (p - onehot) * k[:, None]
 
     def sample_targets(self, out, tgt, gen):
         if not self._index_targets(tgt):
@@ -241,6 +263,16 @@ class NLL(CrossEntropy):
             out.shape[0], out[0].numel(), out[0].numel(), dtype=out.dtype, device=out.device
         )
 
+    def _closed_form_sqrt(self, out, tgt):
+        return torch.zeros(out.shape[0], out[0].numel(), 1, dtype=out.dtype, device=out.device)
+
+    def _closed_form_grad(self, out, tgt):
+        k = self._kappa(out, tgt)
+        if k is None:
+            return None
+        c = out.shape[1]
+        return -k[:, None] * F.one_hot(tgt.clamp(0, c - 1), c).to(out.dtype)
+
     def sample_targets(self, out, tgt, gen):
         return super().sample_targets(out.exp().log_softmax(1), tgt, gen)
 
@@ -264,6 +296,9 @@ class MSE(Loss):
 
     def _closed_form_sqrt(self, out, tgt):
         return self._closed_form_hessian(out, tgt) * 0.5**0.5
+
+    def _closed_form_grad(self, out, tgt):
+        return 2 * (out - tgt)
 
     def sample_targets(self, out, tgt, gen):
         # ℓ = ‖f − y‖² is −log N(y | f, ½ I) up to a constant.
