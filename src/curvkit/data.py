@@ -28,7 +28,8 @@ class Batch:
     inputs: Any  # Tensor | tuple[Tensor, ...] | dict[str, Tensor]
     targets: torch.Tensor
     size: int
-    probe: Any = None  # set by the engine: (rule layers, activation numel) on this batch
+    probe: Any = None  # set by the engine: (module calls, activation numel) on this batch
+    index: int = -1  # position in the data stream, set by the engine
 
 
 def _is_inputs(x: Any) -> bool:

@@ -26,32 +26,33 @@ def _as_operator(op) -> LinearOperator:
 
 
 def _orthogonalize(v: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """v minus its projection on Q's columns, twice (one pass loses orthogonality in float32)."""
+    """v minus its projection on Q's rows, twice (one pass loses orthogonality in float32)."""
     for _ in range(2):
-        v = v - Q @ (Q.T @ v)
+        v = v - (Q @ v) @ Q
     return v
 
 
 def _lanczos(op: LinearOperator, v0: torch.Tensor, steps: int, on_step=None):
-    """Lanczos with full reorthogonalisation: (Q (n, m), alpha (m,), beta (m,)), m <= steps.
+    """Lanczos with full reorthogonalisation: (Q (m, n), alpha (m,), beta (m,)), m <= steps.
 
+    The basis is stored row by row (contiguous rows make the projections fast).
     ``on_step(Q, alpha, beta)`` may return True to stop early."""
     n = op.shape[0]
-    Q = torch.empty(n, steps, dtype=op.dtype, device=op.device)
+    Q = torch.empty(steps, n, dtype=op.dtype, device=op.device)
     alpha = torch.empty(steps, dtype=op.dtype, device=op.device)
     beta = torch.empty(steps, dtype=op.dtype, device=op.device)
     q = v0 / v0.norm()
     for j in range(steps):
-        Q[:, j] = q
+        Q[j] = q
         w = op @ q
         alpha[j] = q @ w
-        w = _orthogonalize(w, Q[:, : j + 1])
+        w = _orthogonalize(w, Q[: j + 1])
         beta[j] = w.norm()
         m = j + 1
-        if on_step is not None and on_step(Q[:, :m], alpha[:m], beta[:m]):
-            return Q[:, :m], alpha[:m], beta[:m]
+        if on_step is not None and on_step(Q[:m], alpha[:m], beta[:m]):
+            return Q[:m], alpha[:m], beta[:m]
         if beta[j] <= 1e-12 * alpha[: j + 1].abs().max().clamp_min(1e-30):
-            return Q[:, :m], alpha[:m], beta[:m]  # invariant subspace found: exact
+            return Q[:m], alpha[:m], beta[:m]  # invariant subspace found: exact
         q = w / beta[j]
     return Q, alpha, beta
 
@@ -111,16 +112,16 @@ def top_eigenvalues(
         return bool((err[:k] <= tol * theta[:k].abs()).all())
 
     Q, alpha, beta = _lanczos(op, v0, max_iter, on_step=converged)
-    if "theta" not in state or Q.shape[1] != state["S"].shape[0]:
+    if "theta" not in state or Q.shape[0] != state["S"].shape[0]:
         converged(Q, alpha, beta)
     theta, S, err = state["theta"], state["S"], state["err"]
-    if not bool((err[:k] <= tol * theta[:k].abs()).all()) and Q.shape[1] < n:
+    if not bool((err[:k] <= tol * theta[:k].abs()).all()) and Q.shape[0] < n:
         import warnings
 
         from .errors import CurvkitWarning
 
         warnings.warn(
-            f"top_eigenvalues stopped after {Q.shape[1]} iterations with relative error bounds "
+            f"top_eigenvalues stopped after {Q.shape[0]} iterations with relative error bounds "
             f"up to {float((err[:k] / theta[:k].abs()).max()):.2g} > tol={tol:g}; raise "
             "max_iter or tol.",
             CurvkitWarning,
@@ -128,7 +129,7 @@ def top_eigenvalues(
         )
     vals = theta[:k]
     if eigenvectors:
-        return vals, Q @ S[:, :k]
+        return vals, Q.T @ S[:, :k]
     return vals
 
 

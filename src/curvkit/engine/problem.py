@@ -54,6 +54,7 @@ class Problem:
         self.dtype, self.device = ref.dtype, ref.device
         self._fisher_cache: dict[int, torch.Tensor] = {}
         self.forward_ad = True  # set False once an op without forward-mode AD is met
+        self._checked: set[int] = set()  # batches whose targets were checked against the loss
 
     @property
     def P(self) -> int:  # noqa: N802
@@ -113,6 +114,7 @@ class Problem:
         total_norm = 0.0
         with torch.no_grad():
             for i, batch in self._batches(desc):
+                batch.index = i
                 total_norm += self.loss.normalizer(batch.targets)
                 if lazy:
                     side = partial(self.output_side, i, batch, factor=factor)
@@ -170,10 +172,16 @@ class Problem:
         def run():
             out = torch.zeros_like(V)
 
-            def body(batch, M, chunks):
+            def body(batch, side, chunks):
+                M = None
+                if self.kind != "hessian":
+                    M = side(self.forward.output(batch))
+                elif batch.index not in self._checked:  # the Hessian needs no M: check once
+                    side(self.forward.output(batch))
+                    self._checked.add(batch.index)
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], self.forward_ad)
                 out.add_(prod(V))
 
-            return out.mul_(self._run("product", body))
+            return out.mul_(self._run("product", body, lazy=True))
 
         return self._with_fallback(run)

@@ -39,6 +39,8 @@ def hessian_product(
         return _flatten(hv(fw.layout.unflatten(v)), names)
 
     def prod(V: torch.Tensor) -> torch.Tensor:  # (P, k) -> (P, k)
+        if V.shape[1] == 1:  # one column (Lanczos): no vmap overhead
+            return column(V[:, 0])[:, None]
         return vmap(column, in_dims=1, out_dims=1, chunk_size=chunk)(V)
 
     return prod

@@ -28,16 +28,18 @@ def _signed(g: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
 
 
 def gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
-    """Xᵀ Y, and for Y = X (symmetric) three quarter-size GEMMs instead of four."""
+    """Xᵀ Y; for Y = X only the upper block triangle is multiplied (b(b+1)/2 of b² GEMMs)."""
     if Y is not None or X.shape[1] < 256:
         return X.T @ (X if Y is None else Y)
-    h = X.shape[1] // 2
-    a, b = X[:, :h], X[:, h:]
-    out = torch.empty(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
-    out[:h, :h] = a.T @ a
-    out[:h, h:] = a.T @ b
-    out[h:, :h] = out[:h, h:].T
-    out[h:, h:] = b.T @ b
+    n = X.shape[1]
+    edges = [n * i // 4 for i in range(5)]
+    out = torch.empty(n, n, dtype=X.dtype, device=X.device)
+    for i in range(4):
+        xi = X[:, edges[i] : edges[i + 1]]
+        rest = X[:, edges[i] :]
+        block = xi.T @ rest  # (n_i, n - edge_i): row block i, columns i..end
+        out[edges[i] : edges[i + 1], edges[i] :] = block
+        out[edges[i + 1] :, edges[i] : edges[i + 1]] = block[:, xi.shape[1] :].T
     return out
 
 
