@@ -119,6 +119,7 @@ class DataSource:
 
     def __init__(self, data: Any, device: torch.device):
         self.device = device
+        self._cached: Batch | None = None
         if _is_single_batch(data):
             self.single = True
             self._batches: Iterable[Any] = [data]
@@ -137,6 +138,11 @@ class DataSource:
         return len(self._batches)  # type: ignore[arg-type]
 
     def __iter__(self):
+        if self.single:  # validated once; the same Batch (and the engine's notes on it) reused
+            if self._cached is None:
+                self._cached = _validate(self._batches[0], -1, self.device)
+            yield self._cached
+            return
         count = 0
         for i, raw in enumerate(self._batches):
             yield _validate(raw, -1 if self.single else i, self.device)

@@ -22,6 +22,7 @@ from ..memory import work_budget
 from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
+from .products import cached_hessian_product
 
 
 class Problem:
@@ -55,6 +56,8 @@ class Problem:
         self._fisher_cache: dict[int, torch.Tensor] = {}
         self.forward_ad = True  # set False once an op without forward-mode AD is met
         self._checked: set[int] = set()  # batches whose targets were checked against the loss
+        self._cached_product = None  # Hessian product on a kept graph (single-batch data only)
+        self._budget: int | None = None
 
     @property
     def P(self) -> int:  # noqa: N802
@@ -100,7 +103,9 @@ class Problem:
 
     def _chunks(self, batch: Batch) -> tuple[int, int]:
         """(tangents per vmapped call, one-hot columns per product call) within the budget."""
-        budget = work_budget(self.device, self.memory_limit)
+        if self._budget is None:  # read once per request: /proc/meminfo is not free
+            self._budget = work_budget(self.device, self.memory_limit)
+        budget = self._budget
         item = torch.empty((), dtype=self.dtype).element_size()
         per_tangent = max(self.forward.activation_numel(batch), 1) * item * 6
         per_column = self.P * item * 4 + per_tangent
@@ -179,6 +184,12 @@ class Problem:
                 elif batch.index not in self._checked:  # the Hessian needs no M: check once
                     side(self.forward.output(batch))
                     self._checked.add(batch.index)
+                if self.kind == "hessian" and self.source.single:
+                    # One batch, many products (Lanczos, trace estimates): keep its graph.
+                    if self._cached_product is None:
+                        self._cached_product = cached_hessian_product(self.forward, batch)
+                    out.add_(self._cached_product(V))
+                    return
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], self.forward_ad)
                 out.add_(prod(V))
 
