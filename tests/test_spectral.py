@@ -267,3 +267,17 @@ def test_plot_spectral_density_writes_a_png(tmp_path):
     assert str(out) == str(path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_estimate_diagonal_is_unbiased_and_converges():
+    torch.manual_seed(0)
+    B = torch.randn(40, 40, dtype=torch.float64)
+    A = B @ B.T / 40 + torch.diag(torch.linspace(1, 5, 40, dtype=torch.float64))
+    off = (A - torch.diag(A.diagonal())).square().sum(1)  # per-entry variance × m
+    m = 4000
+    est = ck.estimate_diagonal(A, num_matvecs=m, generator=_gen(3))
+    z = (est - A.diagonal()) / (off / m).sqrt()
+    assert z.abs().max() < 5, z.abs().max()  # 40 entries, each ~N(0,1) by the CLT
+    # a diagonal matrix is recovered exactly by any Rademacher probe
+    D = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    assert_close(ck.estimate_diagonal(D, num_matvecs=3, generator=_gen(4)), D.diagonal())

@@ -832,3 +832,20 @@ def test_ef_structures_match_the_empirical_fisher(name, structure):
     for b, idx in enumerate(op.index):
         want = _sub(E, idx) if structure == "block" else torch.diag(_sub(E, idx).diagonal())
         assert_close(_sub(D, idx), want, what=f"{name} ef {structure} {op.labels[b]}")
+
+
+def test_embedding_kfac_is_a_linear_on_one_hot_inputs():
+    """Embedding KFAC = (Σ g gᵀ) ⊗ (Σ onehot onehotᵀ)/(N·R) in the (dim, vocab) grid, with the
+    weight stored (vocab, dim); exact for one sample at one position."""
+    torch.manual_seed(3)
+    model = _finish(EmbeddingNet())
+    x = torch.randint(0, 6, (1, 1))
+    t = torch.randint(0, 3, (1,))
+    loss = nn.CrossEntropyLoss()
+    G = ck.ggn(model, loss, (x, t))
+    op = ck.ggn(model, loss, (x, t), structure="kron")
+    assert op.labels[0].startswith("Embedding"), op.labels
+    i = op.index[0]
+    sl = ck.parameter_slices(model)["emb.weight"]
+    assert sorted(i.tolist()) == list(range(sl.start, sl.stop))
+    assert_close(op.to_dense()[i][:, i], G[i][:, i])

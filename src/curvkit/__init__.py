@@ -19,7 +19,13 @@ from .operators import DenseOperator, LinearOperator
 from .operators.lowrank import LowRankOperator
 from .operators.structured import BlockDiagonalOperator
 from .params import parameter_slices
-from .spectral import estimate_trace, plot_spectral_density, spectral_density, top_eigenvalues
+from .spectral import (
+    estimate_diagonal,
+    estimate_trace,
+    plot_spectral_density,
+    spectral_density,
+    top_eigenvalues,
+)
 
 __version__ = "0.1.0"
 
@@ -35,6 +41,7 @@ __all__ = [
     "LinearOperator",
     "LowRankOperator",
     "ef",
+    "estimate_diagonal",
     "estimate_trace",
     "fisher",
     "ggn",

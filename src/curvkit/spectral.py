@@ -134,7 +134,11 @@ def top_eigenvalues(
 
 
 def estimate_trace(
-    op, num_matvecs: int = 60, *, method: str = "hutch++", generator: torch.Generator | None = None
+    op,
+    num_matvecs: int = 60,
+    *,
+    method: str = "hutchinson",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """A stochastic estimate of tr(A) from ``num_matvecs`` products (Rademacher probes).
 
@@ -159,6 +163,26 @@ def estimate_trace(
     G = rademacher(m)
     G = G - Q @ (Q.T @ G)
     return (Q * (op @ Q)).sum() + (G * (op @ G)).sum() / m
+
+
+def estimate_diagonal(
+    op, num_matvecs: int = 60, *, generator: torch.Generator | None = None, block: int = 16
+) -> torch.Tensor:
+    """A stochastic (Hutchinson) estimate of diag(A): the mean of z ⊙ (A z) over Rademacher
+    probes z, issued ``block`` probes per product. Unbiased; its variance per entry is
+    Σⱼ≠ᵢ Aᵢⱼ² / num_matvecs. For the exact diagonal use ``structure="diag"``."""
+    op = _as_operator(op)
+    n = op.shape[0]
+    if not isinstance(num_matvecs, int) or num_matvecs < 1:
+        raise CurvkitValueError(f"num_matvecs must be a positive int, got {num_matvecs!r}.")
+    acc = torch.zeros(n, dtype=op.dtype, device=op.device)
+    done = 0
+    while done < num_matvecs:
+        m = min(block, num_matvecs - done)
+        Z = 2 * torch.randint(0, 2, (n, m), generator=generator).to(op.dtype).to(op.device) - 1
+        acc += (Z * (op @ Z)).sum(1)
+        done += m
+    return acc / num_matvecs
 
 
 def spectral_density(

@@ -32,7 +32,7 @@ def _fallback_groups(problem: Problem, covered_names: set[str]) -> OrderedDict:
 def _names_of(layers, layout) -> set[str]:
     out = set()
     for l in layers:
-        for t in (l.module.weight, l.module.bias):
+        for t in (l.module.weight, getattr(l.module, "bias", None)):
             i = layout.index_of(t) if t is not None else None
             if i is not None:
                 out.add(layout.names[i])

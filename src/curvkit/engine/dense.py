@@ -114,7 +114,7 @@ def rule_dense(out, fw, batch, layers, kind, M, chunk) -> None:
     for u, lu in enumerate(layers):
         for v in range(u, len(layers)):
             lv = layers[v]
-            blk = _kron_gemm(H[:, sl[u], sl[v]], acts[u], acts[v]).contiguous()
+            blk = _kron_gemm(H[:, sl[u], sl[v]], acts[u], acts[v])  # a view of a fresh GEMM result
             # v's input depends on u's output: Σₙ δ_v[p] ∂a_v[q]/∂ε_u[i] a_u[j]
             Jvu = Ja[v][:, :, sl[u]]
             if u != v and bool(Jvu.any()):

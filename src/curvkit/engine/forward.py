@@ -61,13 +61,24 @@ class RuleLayer:
         return self.d * self.A
 
     @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.module, nn.Embedding)
+
+    @property
     def is_conv(self) -> bool:
         return isinstance(self.module, nn.modules.conv._ConvNd)
 
     def acts(self, x: torch.Tensor) -> torch.Tensor:
         """(N, R, A): the layer's augmented inputs at each of its R output positions."""
         n = x.shape[0]
-        a = _patches(self.module, x) if self.is_conv else x.reshape(n, -1, x.shape[-1])
+        if self.is_embedding:
+            a = F.one_hot(x.reshape(n, -1), self.in_size).to(self.module.weight.dtype)
+            if self.module.padding_idx is not None:  # its row gets no gradient
+                a[..., self.module.padding_idx] = 0
+        elif self.is_conv:
+            a = _patches(self.module, x)
+        else:
+            a = x.reshape(n, -1, x.shape[-1])
         parts = [a] if self.use_weight else []
         if self.use_bias:
             parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
@@ -108,7 +119,13 @@ def _candidate(mod: nn.Module) -> tuple[int, int] | None:
     if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         if mod.groups == 1 and mod.padding_mode == "zeros":
             return mod.out_channels, mod.in_channels * math.prod(mod.kernel_size)
+    if type(mod) is nn.Embedding and mod.max_norm is None and mod.num_embeddings <= MAX_VOCAB:
+        # a Linear on one-hot inputs; its weight is stored (vocab, dim), i.e. transposed
+        return mod.embedding_dim, mod.num_embeddings
     return None
+
+
+MAX_VOCAB = 4096  # one-hot inputs and a dense (vocab × vocab) factor beyond that cost too much
 
 
 class Forward:
@@ -124,7 +141,7 @@ class Forward:
             sizes = _candidate(mod)
             if sizes is None:
                 continue
-            w, b = mod.weight, mod.bias
+            w, b = mod.weight, getattr(mod, "bias", None)
             iw, ib = layout.index_of(w), (layout.index_of(b) if b is not None else None)
             if iw is None and ib is None:
                 continue
@@ -158,11 +175,14 @@ class Forward:
                 continue
             (ins, outs) = shapes[0]
             if structured:
-                ok = ins[0] == batch.size and (
-                    ins[-1] == c.in_size if not c.is_conv else len(ins) == c.module.weight.dim()
-                )
+                if c.is_conv:
+                    ok = ins[0] == batch.size and len(ins) == c.module.weight.dim()
+                elif c.is_embedding:
+                    ok = len(ins) >= 1 and ins[0] == batch.size
+                else:
+                    ok = ins[0] == batch.size and ins[-1] == c.in_size
             else:
-                ok = not c.is_conv and ins == (batch.size, c.in_size)
+                ok = not c.is_conv and not c.is_embedding and ins == (batch.size, c.in_size)
             if ok:
                 keep.append(c)
         return keep

@@ -118,6 +118,10 @@ def block(a, g, signs) -> torch.Tensor:
 def layer_index(layer: RuleLayer, device) -> torch.Tensor:
     """(d·A,) global coordinates of the layer's (d, A) grid, row-major."""
     idx = torch.empty(layer.d, layer.A, dtype=torch.long, device=device)
+    if layer.is_embedding:  # weight stored (vocab, dim): grid entry (j, i) is row i, column j
+        (s,) = layer.segments
+        grid = torch.arange(layer.A * layer.d, device=device).view(layer.A, layer.d).T
+        return (s.offset + grid).reshape(-1)
     for s in layer.segments:
         n = s.a.stop - s.a.start
         idx[:, s.a] = s.offset + torch.arange(layer.d * n, device=device).view(layer.d, n)
