@@ -27,7 +27,10 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side):
     out, pullback, acts = vjp(f, eps0, has_aux=True)
     F, signs = side(out.detach())
     cots = F.permute(2, 0, 1).reshape(F.shape[2], *out.shape)  # (K, *out)
-    (grads,) = vmap(pullback)(cots)
+    if F.shape[2] == 1:  # one column (MC Fisher, EF): a plain backward pass
+        grads = [g[None] for g in pullback(cots[0])[0]]
+    else:
+        (grads,) = vmap(pullback)(cots)
     return acts, [l.positions_last(g) for l, g in zip(layers, grads)], F, signs
 
 
