@@ -43,8 +43,12 @@ def gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
-def _sample_chunks(n: int, per_sample: int, budget: int = 2**25):
-    """Sample ranges whose per-sample temporaries of ``per_sample`` elements fit ``budget``."""
+def _sample_chunks(n: int, per_sample: int, budget: int = 2**19):
+    """Sample ranges whose per-sample temporaries of ``per_sample`` elements fit ``budget``.
+
+    Small chunks (about 2 MB in float32) stay in cache; large temporaries cost more in fresh
+    memory than the batched GEMM saves (measured on the digits CNN: 0.41 s at 128 MB chunks,
+    0.25 s at 2-4 MB)."""
     step = max(1, budget // max(per_sample, 1))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
