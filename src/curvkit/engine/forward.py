@@ -92,9 +92,19 @@ class RuleLayer:
 
 
 def _patches(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """(N, R, C_in·prod(k)) patches, ordered like ``conv.weight[o].reshape(-1)``: a convolution
-    with an identity kernel, so it works for 1-, 2- and 3-d convolutions alike."""
+    """(N, R, C_in·prod(k)) patches, ordered like ``conv.weight[o].reshape(-1)``.
+
+    1-d and 2-d convolutions use im2col (``F.unfold``: memory moves only); 3-d ones and string
+    paddings a convolution with an identity kernel (correct for every case, but it costs as
+    many multiply-adds as a convolution with C_in·prod(k) output channels)."""
     k = conv.kernel_size
+    if len(k) <= 2 and not isinstance(conv.padding, str):
+        if len(k) == 1:
+            x = x.unsqueeze(2)
+            args = [(1, k[0]), (1, conv.dilation[0]), (0, conv.padding[0]), (1, conv.stride[0])]
+        else:
+            args = [k, conv.dilation, conv.padding, conv.stride]
+        return F.unfold(x, *args).transpose(1, 2)
     c = conv.in_channels
     size = c * math.prod(k)
     eye = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, c, *k)

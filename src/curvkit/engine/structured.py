@@ -29,7 +29,7 @@ def _signed(g: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
 
 def gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
     """Xᵀ Y; for Y = X only the upper block triangle is multiplied (b(b+1)/2 of b² GEMMs)."""
-    if Y is not None or X.shape[1] < 256 or X.shape[0] < 4 * X.shape[1]:
+    if Y is not None or X.shape[1] < 256 or (X.shape[1] < 512 and X.shape[0] < 4 * X.shape[1]):
         return X.T @ (X if Y is None else Y)  # small GEMMs would cost more than they save
     n = X.shape[1]
     edges = [n * i // 4 for i in range(5)]
