@@ -120,14 +120,14 @@ class DataSource:
     def __init__(self, data: Any, device: torch.device):
         self.device = device
         self._cached: Batch | None = None
-        if _is_single_batch(data):
+        looks_like_one_batch = isinstance(data, torch.Tensor) or (
+            isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor)
+        )
+        if _is_single_batch(data) or looks_like_one_batch:
+            if not _is_single_batch(data):
+                _validate(data, -1, device)  # a malformed batch: raises the precise error
             self.single = True
             self._batches: Iterable[Any] = [data]
-        elif isinstance(data, torch.Tensor) or (
-            isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor)
-        ):
-            _validate(data, -1, device)  # raises the precise error
-            raise AssertionError  # pragma: no cover
         elif isinstance(data, Iterable) and not isinstance(data, str | bytes | Mapping):
             self.single = False
             self._batches = data
@@ -145,7 +145,7 @@ class DataSource:
             return
         count = 0
         for i, raw in enumerate(self._batches):
-            yield _validate(raw, -1 if self.single else i, self.device)
+            yield _validate(raw, i, self.device)
             count += 1
         if count == 0:
             raise CurvkitValueError("data is empty: it yielded no batch. " + _PAIR_HELP)

@@ -92,29 +92,20 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> Callable:
     def gather(V: torch.Tensor) -> torch.Tensor:  # (P, k) -> rows of the used parameters
         return torch.cat([V[o : o + s] for o, s in zip(offsets, sizes)])
 
-    def prod(V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
+    def column(v: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
-            if k == 1:
-                cols = torch.autograd.grad(
-                    flat_g, leaves, gather(V)[:, 0], retain_graph=True, allow_unused=True
-                )
-                cols = [None if c is None else c.reshape(-1, 1) for c in cols]
-            else:
-                cols = torch.autograd.grad(
-                    flat_g,
-                    leaves,
-                    gather(V).T.contiguous(),
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-                cols = [None if c is None else c.reshape(k, -1).T for c in cols]
+            cols = torch.autograd.grad(flat_g, leaves, v, retain_graph=True, allow_unused=True)
         return torch.cat(
             [
-                torch.zeros(t.numel(), k, dtype=V.dtype, device=V.device) if c is None else c
+                torch.zeros_like(t).reshape(-1) if c is None else c.reshape(-1)
                 for t, c in zip(leaves, cols)
             ]
         )
+
+    def prod(V: torch.Tensor) -> torch.Tensor:
+        # One backward pass per column: batching them (is_grads_batched) was slower here
+        # (28 ms vs 13 ms per column on the digits MLP).
+        G = gather(V)
+        return torch.stack([column(G[:, j]) for j in range(V.shape[1])], dim=1)
 
     return prod
