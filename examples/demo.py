@@ -291,7 +291,7 @@ def part3() -> None:
         f"    second layer's diagonal: KFAC vs exact, correlation {float(corr):.3f}, "
         f"relative distance {rel_dist(kd, ed):.3f}"
     )
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
     vmax = float(ed.max())
     for ax, (m, title) in zip(axes[:2], ((ed, "exact GGN diagonal"), (kd, "KFAC diagonal"))):
         im = ax.imshow(m.numpy(), cmap="viridis", vmin=0, vmax=vmax)
