@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from _common import cpu_model  # noqa: E402
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
@@ -398,17 +399,6 @@ def flop_counts(layer_sizes: list[int], N: int) -> tuple[float, float]:
     upper = sum(2 * N * layer_sizes[l] * layer_sizes[m] for l in range(L) for m in range(l, L))
     strict = sum(2 * N * layer_sizes[l] * layer_sizes[m] for l in range(L) for m in range(l + 1, L))
     return float(upper + strict), float(upper)  # (Hessian, GGN)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from _common import cpu_model, fmt_t, load_average, short_exc  # noqa: E402
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
@@ -424,33 +425,6 @@ def context_timings(w: Workload, n: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def fmt_t(t: float) -> str:
-    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
-
-
-def short_exc(exc: BaseException) -> str:
-    msg = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {msg[:157] + '...' if len(msg) > 160 else msg}"
 
 
 def log(msg: str) -> None:

@@ -171,15 +171,20 @@ def part1() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def part2() -> None:
-    section("Part 2 - the same at realistic size: MLP 64-32-32-10 on 512 digits (P = 3466)")
+def digits_train(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n of the 1437 training digits (split of BENCHMARKS.md), features / 16."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     X_all = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y_all = torch.tensor(digits.target, dtype=torch.long)
     perm = torch.randperm(X_all.shape[0], generator=torch.Generator().manual_seed(0))
-    X, y = X_all[perm[:512]], y_all[perm[:512]]  # first 512 of the 1437 training images
+    return X_all[perm[:n]], y_all[perm[:n]]
+
+
+def part2() -> None:
+    section("Part 2 - the same at realistic size: MLP 64-32-32-10 on 512 digits (P = 3466)")
+    X, y = digits_train(512)  # first 512 of the 1437 training images
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -236,13 +241,7 @@ def part2() -> None:
 
 def part3() -> None:
     section("Part 3 - too big for a dense matrix: MLP 64-256-256-10 on 1437 digits (P = 85002)")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    X_all = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y_all = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(X_all.shape[0], generator=torch.Generator().manual_seed(0))
-    X, y = X_all[perm[:1437]], y_all[perm[:1437]]
+    X, y = digits_train(1437)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
