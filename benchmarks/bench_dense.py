@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from _common import cpu_model  # noqa: E402
+from _common import cpu_model, digits_train  # noqa: E402
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
@@ -83,15 +83,7 @@ class Workload:
 
 def digits_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """First ``N_BATCH`` training samples of the BENCHMARKS.md digits split (float32)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    X_all = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y_all = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(X_all.shape[0], generator=torch.Generator().manual_seed(0))
-    train = perm[:N_TRAIN]
-    X_train, y_train = X_all[train], y_all[train]
-    return X_train[:N_BATCH].contiguous(), y_train[:N_BATCH].contiguous()
+    return digits_train(N_BATCH)
 
 
 def build_dense() -> Workload:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from _common import cpu_model, fmt_t, load_average, short_exc  # noqa: E402
+from _common import cpu_model, digits_train, fmt_t, load_average, short_exc  # noqa: E402
 from torch import nn
 
 import curvkit as ck
@@ -79,18 +79,6 @@ class Workload:
     @property
     def P(self) -> int:  # noqa: N802
         return sum(p.numel() for p in self.model.parameters())
-
-
-def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1437 training samples of the BENCHMARKS.md digits split (float32, features / 16)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    X_all = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y_all = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(X_all.shape[0], generator=torch.Generator().manual_seed(0))
-    train = perm[:N_TRAIN]
-    return X_all[train].contiguous(), y_all[train].contiguous()
 
 
 def make_loader(X: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
