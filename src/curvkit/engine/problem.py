@@ -40,13 +40,7 @@ class Problem:
         generator=None,
         memory_limit: int | None = None,
     ):
-        self.model, self.layout, self.loss, self.source, self.kind = (
-            model,
-            layout,
-            loss,
-            source,
-            kind,
-        )
+        self.layout, self.loss, self.source, self.kind = layout, loss, source, kind
         self.forward = Forward(model, layout, loss, output_fn)
         self.progress = (not source.single) if progress is None else progress
         self.mc_samples, self.generator = mc_samples, generator
