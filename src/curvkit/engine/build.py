@@ -105,7 +105,8 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         else:
             blocks.append(DenseBlock(st[0] * scale))
         index.append(red.layer_index(l, problem.device))
-        labels.append(f"{type(l.module).__name__} ({structure})")
+        group = f" group {l.group + 1}/{l.groups}" if l.groups > 1 else ""
+        labels.append(f"{type(l.module).__name__}{group} ({structure})")
     for gname, names in (state["groups"] or {}).items():
         st = state["fb"][gname][0]
         blocks.append(DenseBlock(st * scale) if st.dim() == 2 else DiagBlock(st * scale))

@@ -51,6 +51,8 @@ class RuleLayer:
     use_weight: bool
     use_bias: bool
     segments: list[Segment] = field(default_factory=list)
+    group: int = 0  # a grouped convolution is one RuleLayer per group (group j of groups)
+    groups: int = 1
 
     @property
     def A(self) -> int:  # noqa: N802
@@ -76,13 +78,28 @@ class RuleLayer:
             if self.module.padding_idx is not None:  # its row gets no gradient
                 a[..., self.module.padding_idx] = 0
         elif self.is_conv:
-            a = _patches(self.module, x)
+            c = self.module.in_channels // self.groups
+            a = _patches(self.module, x[:, self.group * c : (self.group + 1) * c], c)
         else:
             a = x.reshape(n, -1, x.shape[-1])
         parts = [a] if self.use_weight else []
         if self.use_bias:
             parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def eps_shape(self, out_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this layer's ε for a module output of ``out_shape``."""
+        if self.groups == 1:
+            return out_shape
+        return (out_shape[0], self.d, *out_shape[2:])
+
+    def add_eps(self, out: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return out + eps
+        n, c, *rest = out.shape
+        before = out.new_zeros(n, self.group * self.d, *rest)
+        after = out.new_zeros(n, c - (self.group + 1) * self.d, *rest)
+        return out + torch.cat([before, eps, after], dim=1)
 
     def positions_last(self, g: torch.Tensor) -> torch.Tensor:
         """(K, N, *out) gradient w.r.t. the layer output -> (K, N, R, d)."""
@@ -91,7 +108,7 @@ class RuleLayer:
         return g.reshape(g.shape[0], g.shape[1], -1, self.d)
 
 
-def _patches(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+def _patches(conv: nn.modules.conv._ConvNd, x: torch.Tensor, c: int) -> torch.Tensor:
     """(N, R, C_in·prod(k)) patches, ordered like ``conv.weight[o].reshape(-1)``.
 
     1-d and 2-d convolutions use im2col (``F.unfold``: memory moves only); 3-d ones and string
@@ -105,7 +122,6 @@ def _patches(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
         else:
             args = [k, conv.dilation, conv.padding, conv.stride]
         return F.unfold(x, *args).transpose(1, 2)
-    c = conv.in_channels
     size = c * math.prod(k)
     eye = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, c, *k)
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(k)]
@@ -126,9 +142,9 @@ def _candidate(mod: nn.Module) -> tuple[int, int] | None:
     """(d, in_size) for a module type with a rule, else None."""
     if type(mod) is nn.Linear:
         return mod.out_features, mod.in_features
-    if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        if mod.groups == 1 and mod.padding_mode == "zeros":
-            return mod.out_channels, mod.in_channels * math.prod(mod.kernel_size)
+    if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and mod.padding_mode == "zeros":
+        g = mod.groups  # per group: out_channels/g outputs, in_channels/g · prod(k) inputs
+        return mod.out_channels // g, mod.in_channels // g * math.prod(mod.kernel_size)
     if type(mod) is nn.Embedding and mod.max_norm is None and mod.num_embeddings <= MAX_VOCAB:
         # a Linear on one-hot inputs; its weight is stored (vocab, dim), i.e. transposed
         return mod.embedding_dim, mod.num_embeddings
@@ -157,13 +173,19 @@ class Forward:
                 continue
             if owners[id(w)] > 1 or (b is not None and owners[id(b)] > 1):
                 continue  # tied weight: its curvature sums over uses, left to the products
-            layer = RuleLayer(mod, *sizes, iw is not None, ib is not None)
-            if iw is not None:
-                layer.segments.append(Segment(slice(0, layer.in_size), layout.offsets[iw]))
-            if ib is not None:
-                start = layer.in_size * layer.use_weight
-                layer.segments.append(Segment(slice(start, start + 1), layout.offsets[ib]))
-            self._candidates.append(layer)
+            groups = getattr(mod, "groups", 1)
+            for j in range(groups):  # a grouped conv: one block-diagonal piece per group
+                layer = RuleLayer(
+                    mod, *sizes, iw is not None, ib is not None, group=j, groups=groups
+                )
+                if iw is not None:
+                    off = layout.offsets[iw] + j * layer.d * layer.in_size
+                    layer.segments.append(Segment(slice(0, layer.in_size), off))
+                if ib is not None:
+                    start = layer.in_size * layer.use_weight
+                    off = layout.offsets[ib] + j * layer.d
+                    layer.segments.append(Segment(slice(start, start + 1), off))
+                self._candidates.append(layer)
 
     # -- plain calls -----------------------------------------------------------------------------
     def output(self, batch: Batch, params: dict | None = None) -> torch.Tensor:
@@ -199,7 +221,7 @@ class Forward:
 
     def output_shapes(self, batch: Batch, layers: list[RuleLayer]) -> list[tuple[int, ...]]:
         calls, _ = self._probe(batch)
-        return [calls[id(l.module)][0][1] for l in layers]
+        return [l.eps_shape(calls[id(l.module)][0][1]) for l in layers]
 
     def activation_numel(self, batch: Batch) -> int:
         """Elements of all leaf modules' outputs in one forward pass of the batch."""
@@ -250,7 +272,7 @@ class Forward:
                     )
                 holder["acts"][i] = layer.acts(args[0])
                 eps = holder["eps"]
-                return out if eps is None else out + eps[i]
+                return out if eps is None else layer.add_eps(out, eps[i])
 
             return hook
 
