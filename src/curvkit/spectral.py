@@ -26,8 +26,11 @@ def _as_operator(op) -> LinearOperator:
 
 
 def _orthogonalize(v: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """v minus its projection on Q's rows, twice (one pass loses orthogonality in float32)."""
-    for _ in range(2):
+    """v minus its projection on Q's rows; a second pass only when the first cancelled most of
+    v, where one pass loses orthogonality ("twice is enough", Kahan–Parlett)."""
+    before = v.norm()
+    v = v - (Q @ v) @ Q
+    if v.norm() < 0.7 * before:
         v = v - (Q @ v) @ Q
     return v
 
