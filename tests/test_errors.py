@@ -234,3 +234,14 @@ def test_mean_callable_without_reduction_mean():
         ValueError, ("reduction",), lambda: ck.hessian(_mlp(), mean_loss, _regression_batch())
     )
     assert isinstance(err, ck.CurvkitValueError)
+
+
+def test_block_structure_beyond_memory_raises_before_allocating():
+    model = nn.Sequential(nn.Linear(64, 4096), nn.Tanh(), nn.Linear(4096, 10)).eval()
+    x, y = torch.randn(4, 64), torch.randint(0, 10, (4,))
+    expect_error(
+        MemoryError,
+        ("block", "kron", "memory_limit"),
+        lambda: ck.ggn(model, nn.CrossEntropyLoss(), (x, y), structure="block"),
+        seconds=1.0,
+    )

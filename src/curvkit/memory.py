@@ -43,11 +43,23 @@ def check_dense(
     memory_limit: int | None,
     alternatives: str,
 ) -> None:
-    """Raise CurvkitMemoryError when a ``shape`` result (plus working space) cannot fit."""
+    """Raise CurvkitMemoryError when a dense ``shape`` result cannot fit."""
     numel = 1
     for s in shape:
         numel *= s
-    need = numel * torch.empty((), dtype=dtype).element_size()
+    check_bytes(
+        f"a dense {what} of shape {shape} in {str(dtype).replace('torch.', '')}",
+        numel * torch.empty((), dtype=dtype).element_size(),
+        device,
+        memory_limit,
+        alternatives,
+    )
+
+
+def check_bytes(
+    what: str, need: int, device: torch.device, memory_limit: int | None, alternatives: str
+) -> None:
+    """Raise CurvkitMemoryError, before allocating, when ``need`` bytes exceed the limit."""
     free = available_bytes(device)
     limit = int(0.8 * free) if memory_limit is None else int(memory_limit)
     if need > limit:
@@ -57,9 +69,8 @@ def check_dense(
             else f"memory_limit={memory_limit} allows {_fmt(limit)}"
         )
         raise CurvkitMemoryError(
-            f"a dense {what} of shape {shape} in {str(dtype).replace('torch.', '')} needs "
-            f"{_fmt(need)}; {source}. {alternatives} If you know better, raise the limit with "
-            "memory_limit=<bytes>."
+            f"{what} needs {_fmt(need)}; {source}. {alternatives} If you know better, raise "
+            "the limit with memory_limit=<bytes>."
         )
 
 

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .errors import CurvkitTypeError, CurvkitValueError
+from .memory import check_bytes
 from .operators.base import DenseOperator, LinearOperator
 
 
@@ -41,6 +42,13 @@ def _lanczos(op: LinearOperator, v0: torch.Tensor, steps: int, on_step=None):
     The basis is stored row by row (contiguous rows make the projections fast).
     ``on_step(Q, alpha, beta)`` may return True to stop early."""
     n = op.shape[0]
+    check_bytes(
+        f"a Lanczos basis of {steps} vectors of size {n}",
+        steps * n * torch.empty((), dtype=op.dtype).element_size(),
+        op.device,
+        None,
+        "Lower max_iter (or k).",
+    )
     Q = torch.empty(steps, n, dtype=op.dtype, device=op.device)
     alpha = torch.empty(steps, dtype=op.dtype, device=op.device)
     beta = torch.empty(steps, dtype=op.dtype, device=op.device)

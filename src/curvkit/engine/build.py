@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 
 from ..errors import CurvkitValueError
+from ..memory import check_bytes
 from ..operators.blocks import DenseBlock, DiagBlock, KronBlock
 from ..operators.structured import BlockDiagonalOperator
 from . import structured as red
@@ -48,6 +49,8 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         )
     if kfac_mode not in ("expand", "reduce"):
         raise CurvkitValueError(f"kfac= must be 'expand' or 'reduce', got {kfac_mode!r}.")
+    if structure == "block":
+        _check_blocks(problem)
     if problem.kind == "hessian":
         return _hessian_structure(problem, structure)
     fw, layout = problem.forward, problem.layout
@@ -166,9 +169,29 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
     blocks, index, labels = [], [], []
     for gname, names in groups.items():
         idx = _group_index(layout, names, device)
-        E = torch.zeros(problem.P, idx.numel(), dtype=problem.dtype, device=device)
-        E[idx, torch.arange(idx.numel(), device=device)] = 1
-        blocks.append(DenseBlock(problem.matmat(E)[idx]))
+        M = torch.empty(idx.numel(), idx.numel(), dtype=problem.dtype, device=device)
+        for start in range(0, idx.numel(), 256):  # columns by one-hot products, in chunks
+            cols = idx[start : start + 256]
+            E = torch.zeros(problem.P, cols.numel(), dtype=problem.dtype, device=device)
+            E[cols, torch.arange(cols.numel(), device=device)] = 1
+            M[:, start : start + cols.numel()] = problem.matmat(E)[idx]
+        blocks.append(DenseBlock(M))
         index.append(idx)
         labels.append(f"{gname} (exact dense block)")
     return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
+
+
+def _check_blocks(problem: Problem) -> None:
+    """Refuse, before any pass, per-module dense blocks that cannot fit."""
+    sizes: dict[str, int] = {}
+    for name, t in zip(problem.layout.names, problem.layout.tensors):
+        module = name.rpartition(".")[0] or name
+        sizes[module] = sizes.get(module, 0) + t.numel()
+    item = torch.empty((), dtype=problem.dtype).element_size()
+    check_bytes(
+        f"structure='block' ({len(sizes)} dense blocks, the largest {max(sizes.values())}²)",
+        sum(n * n for n in sizes.values()) * item,
+        problem.device,
+        problem.memory_limit,
+        "Use structure='kron' or 'diag', or fewer parameters with params=.",
+    )
