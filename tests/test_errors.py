@@ -245,3 +245,14 @@ def test_block_structure_beyond_memory_raises_before_allocating():
         lambda: ck.ggn(model, nn.CrossEntropyLoss(), (x, y), structure="block"),
         seconds=1.0,
     )
+
+
+def test_kron_structure_beyond_memory_raises_before_allocating():
+    model = nn.Sequential(nn.Linear(200_000, 10)).eval()  # an A factor of 200001² floats
+    x, y = torch.randn(2, 200_000), torch.randint(0, 10, (2,))
+    expect_error(
+        MemoryError,
+        ("kron", "diag", "memory_limit"),
+        lambda: ck.ggn(model, nn.CrossEntropyLoss(), (x, y), structure="kron"),
+        seconds=1.0,
+    )

@@ -49,8 +49,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         )
     if kfac_mode not in ("expand", "reduce"):
         raise CurvkitValueError(f"kfac= must be 'expand' or 'reduce', got {kfac_mode!r}.")
-    if structure == "block":
-        _check_blocks(problem)
+    _check_memory(problem, structure)
     if problem.kind == "hessian":
         return _hessian_structure(problem, structure)
     fw, layout = problem.forward, problem.layout
@@ -181,17 +180,29 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
     return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
 
 
-def _check_blocks(problem: Problem) -> None:
-    """Refuse, before any pass, per-module dense blocks that cannot fit."""
-    sizes: dict[str, int] = {}
+def _check_memory(problem: Problem, structure: str) -> None:
+    """Refuse, before any pass, a structured result that cannot fit: per-module dense blocks
+    (block), or Kronecker factors d² + A² per layer (kron, ekfac)."""
+    layers = problem.forward._candidates
+    ruled = {id(t) for l in layers for t in (l.module.weight, getattr(l.module, "bias", None))}
+    sizes: dict[str, int] = {}  # per module; for kron, only modules without a rule
     for name, t in zip(problem.layout.names, problem.layout.tensors):
-        module = name.rpartition(".")[0] or name
-        sizes[module] = sizes.get(module, 0) + t.numel()
+        if structure == "block" or id(t) not in ruled:
+            module = name.rpartition(".")[0] or name
+            sizes[module] = sizes.get(module, 0) + t.numel()
+    if structure == "block":
+        need, what = sum(n * n for n in sizes.values()), f"{len(sizes)} dense blocks"
+    elif structure in ("kron", "ekfac"):
+        need = sum(l.d * l.d + l.A * l.A for l in layers)
+        need += sum(n if n > MAX_FALLBACK else n * n for n in sizes.values())
+        what = f"Kronecker factors of {len(layers)} layers"
+    else:
+        return
     item = torch.empty((), dtype=problem.dtype).element_size()
     check_bytes(
-        f"structure='block' ({len(sizes)} dense blocks, the largest {max(sizes.values())}²)",
-        sum(n * n for n in sizes.values()) * item,
+        f"structure={structure!r} ({what})",
+        need * item,
         problem.device,
         problem.memory_limit,
-        "Use structure='kron' or 'diag', or fewer parameters with params=.",
+        "Use structure='diag', or fewer parameters with params=.",
     )
