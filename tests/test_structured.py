@@ -868,3 +868,23 @@ def test_grouped_conv_gets_one_kronecker_block_per_group():
     model2 = _finish(nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(54, 3)))
     D = ck.ggn(model2, loss, (xs, ts), structure="diag")
     assert_close(D.diagonal(), ck.ggn(model2, loss, (xs, ts)).diagonal())
+
+
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "diag", "block", "lowrank"])
+def test_top_eigenpairs_come_exactly_from_the_structure(structure):
+    torch.manual_seed(7)
+    model = _finish(
+        nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.LayerNorm(48),
+            nn.Linear(48, 4),
+        )
+    )
+    x, t = torch.randn(9, 1, 4, 4, dtype=DT), torch.randint(0, 4, (9,))
+    op = ck.ggn(model, nn.CrossEntropyLoss(), (x, t), structure=structure).add_identity(0.1)
+    D = op.to_dense()
+    vals, V = ck.top_eigenvalues(op, 4, eigenvectors=True)
+    assert_close(vals, torch.linalg.eigvalsh(D).flip(0)[:4], rtol=1e-6)
+    assert_close(D @ V, V * vals, rtol=1e-6)

@@ -89,7 +89,8 @@ def top_eigenvalues(
 
     Lanczos with full reorthogonalisation. Each returned θᵢ satisfies |θᵢ − λ| ≤ errᵢ for an
     eigenvalue λ, with errᵢ = min(rᵢ, rᵢ²/gapᵢ) from the Ritz residual rᵢ (Parlett), and the
-    iteration stops once errᵢ ≤ tol·|θᵢ| for all k — no iteration count to tune.
+    iteration stops once errᵢ ≤ tol·|θᵢ| for all k — no iteration count to tune. Structured
+    operators (KFAC, diagonal, blocks, low-rank) answer exactly from their structure instead.
 
     >>> import torch, curvkit as ck
     >>> A = torch.diag(torch.arange(1., 101.))
@@ -102,6 +103,9 @@ def top_eigenvalues(
         raise CurvkitValueError(f"k must be an int in [1, {n}], got {k!r}.")
     if tol <= 0:
         raise CurvkitValueError(f"tol must be positive, got {tol!r}.")
+    if hasattr(op, "top_eigenpairs"):  # structured: exact from the structure, no iteration
+        vals, vecs = op.top_eigenpairs(k)
+        return (vals, vecs) if eigenvectors else vals
     max_iter = min(n, max_iter or max(4 * k + 60, 300))
     v0 = torch.randn(n, generator=generator, dtype=op.dtype).to(op.device)
     state: dict = {}

@@ -23,6 +23,10 @@ class Block:
         """The block's matrix power Aᵖ (p = -1: inverse; p = -1/2: inverse square root)."""
         ...
 
+    def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The min(k, size) largest eigenvalues and their eigenvectors (size, ·)."""
+        ...
+
     def logdet(self) -> torch.Tensor:
         return self.eigenvalues().log().sum()
 
@@ -98,6 +102,13 @@ class KronBlock(Block):
             return self.factors[0].trace() * self.factors[1].trace()
         return self.lam.sum()
 
+    def top_eigenpairs(self, k):
+        e = self._eig()
+        vals, flat = e.lam.reshape(-1).topk(min(k, self.size))
+        i, j = flat // e.lam.shape[1], flat % e.lam.shape[1]
+        vecs = (e.UB[:, i][:, None, :] * e.UA[:, j][None, :, :]).reshape(self.size, -1)
+        return vals, vecs
+
     def shifted(self, delta):
         e = self._eig()
         return KronBlock(e.UB, e.UA, e.lam + delta)
@@ -130,6 +141,11 @@ class DenseBlock(Block):
     def eigenvalues(self):
         return self._eigh()[0]
 
+    def top_eigenpairs(self, k):
+        lam, U = self._eigh()
+        m = min(k, self.size)
+        return lam[-m:].flip(0), U[:, -m:].flip(1)
+
     def shifted(self, delta):
         out = DenseBlock(
             self.M + delta * torch.eye(self.size, dtype=self.M.dtype, device=self.M.device)
@@ -161,6 +177,12 @@ class DiagBlock(Block):
 
     def eigenvalues(self):
         return self.v
+
+    def top_eigenpairs(self, k):
+        vals, i = self.v.topk(min(k, self.size))
+        vecs = torch.zeros(self.size, vals.numel(), dtype=self.v.dtype, device=self.v.device)
+        vecs[i, torch.arange(vals.numel(), device=self.v.device)] = 1
+        return vals, vecs
 
     def shifted(self, delta):
         return DiagBlock(self.v + delta)

@@ -36,6 +36,18 @@ class LowRankOperator(LinearOperator):
         )
         return torch.cat([self.lam + self.shift, rest]).sort(descending=True).values
 
+    def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored eigenpairs (k ≤ rank), shifted; descending."""
+        if k > self.lam.numel():
+            from ..errors import CurvkitValueError
+
+            raise CurvkitValueError(
+                f"this low-rank operator holds {self.lam.numel()} eigenpairs; asked for {k}. "
+                "Build it with a larger rank=."
+            )
+        order = self.lam.argsort(descending=True)[:k]
+        return self.lam[order] + self.shift, self.U[:, order]
+
     def add_identity(self, delta: float) -> LowRankOperator:
         return LowRankOperator(self.U, self.lam, self.shift + float(delta))
 
