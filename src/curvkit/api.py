@@ -171,19 +171,7 @@ def hessian(
     >>> ck.hessian(model, torch.nn.MSELoss(), (x, y)).shape
     torch.Size([8, 8])
     """
-    return _curvature(
-        "hessian",
-        model,
-        loss_fn,
-        data,
-        params=params,
-        structure=structure,
-        reduction=reduction,
-        output_fn=output_fn,
-        memory_limit=memory_limit,
-        progress=progress,
-        rank=rank,
-    )
+    return _curvature("hessian", **locals())
 
 
 def ggn(
@@ -201,20 +189,7 @@ def ggn(
     rank: int = 20,
 ):
     """The generalized Gauss-Newton G = s·Σₙ Jₙᵀ (∂²ℓₙ/∂fₙ²) Jₙ, with Jₙ = ∂f(xₙ)/∂θ."""
-    return _curvature(
-        "ggn",
-        model,
-        loss_fn,
-        data,
-        params=params,
-        structure=structure,
-        reduction=reduction,
-        output_fn=output_fn,
-        memory_limit=memory_limit,
-        progress=progress,
-        kfac=kfac,
-        rank=rank,
-    )
+    return _curvature("ggn", **locals())
 
 
 def fisher(
@@ -236,22 +211,7 @@ def fisher(
     """The Monte-Carlo Fisher F = s·Σₙ (1/S) Σₛ gₙₛ gₙₛᵀ, gₙₛ = ∇θ ℓ(f(xₙ), ỹₙₛ), with the
     targets ỹ drawn from the model's predictive (``mc_samples`` = S per sample; pass a
     ``generator`` for reproducible draws). It averages to the GGN for the standard losses."""
-    return _curvature(
-        "fisher",
-        model,
-        loss_fn,
-        data,
-        params=params,
-        structure=structure,
-        reduction=reduction,
-        output_fn=output_fn,
-        memory_limit=memory_limit,
-        progress=progress,
-        mc_samples=mc_samples,
-        generator=generator,
-        kfac=kfac,
-        rank=rank,
-    )
+    return _curvature("fisher", **locals())
 
 
 def ef(
@@ -270,20 +230,7 @@ def ef(
 ):
     """The empirical Fisher E = s·Σₙ ∇ℓₙ ∇ℓₙᵀ: Σₙ for a sum, (1/N)·Σₙ for a mean — the
     same scale as the Hessian it stands in for."""
-    return _curvature(
-        "ef",
-        model,
-        loss_fn,
-        data,
-        params=params,
-        structure=structure,
-        reduction=reduction,
-        output_fn=output_fn,
-        memory_limit=memory_limit,
-        progress=progress,
-        kfac=kfac,
-        rank=rank,
-    )
+    return _curvature("ef", **locals())
 
 
 for _f in (hessian, ggn, fisher, ef):
