@@ -43,7 +43,7 @@ class CurvatureOperator(LinearOperator):
 
     def diagonal(self) -> torch.Tensor:
         if self.problem.kind == "hessian":
-            return self.problem.diagonal()
+            return self.problem.hessian_diagonal()
         from .engine.build import build
 
         return build(self.problem, "diag").diagonal()

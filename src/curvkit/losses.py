@@ -25,8 +25,6 @@ from torch.func import grad, vmap
 from .autodiff import hessian_map, is_forward_ad_error
 from .errors import CurvkitTypeError, CurvkitValueError
 
-KINDS = ("ggn", "ef", "fisher")
-
 
 class Loss:
     """Base: a loss ``(output, target) -> Σₙ ℓₙ`` with a reduction of ``"sum"`` or ``"mean"``."""

@@ -159,7 +159,7 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
     layout, device = problem.layout, problem.device
     if structure == "diag":
         return BlockDiagonalOperator(
-            [DiagBlock(problem.diagonal())],
+            [DiagBlock(problem.hessian_diagonal())],
             [torch.arange(problem.P, device=device)],
             problem.P,
             labels=["Hessian (exact diagonal)"],

@@ -56,24 +56,33 @@ def _onehots(D: int, sizes: list[int], n: int, dtype, device):
     return make
 
 
-def _eps_derivatives(fw: Forward, batch: Batch, layers: list[RuleLayer], kind: str, chunk):
-    """Per-sample derivatives w.r.t. ε: returns (acts, J (N,C,D)) for Gauss-Newton kinds, or
-    (acts, δ (N,D), Hε (N,D,D), Jacts list of (N,A_l,D)) for the Hessian."""
-    f = fw.perturbed(batch, layers)
+def _eps_setup(fw: Forward, batch: Batch, layers: list[RuleLayer]):
+    """(f, ε₀, one-hot tangent maker, tangent indices) shared by both ε derivatives."""
     sizes = [l.d for l in layers]
     D, n = sum(sizes), batch.size
     ref = fw.layout.tensors[0]
     eps0 = [torch.zeros(n, d, dtype=ref.dtype, device=ref.device) for d in sizes]
     onehot = _onehots(D, sizes, n, ref.dtype, ref.device)
-    idx = torch.arange(D, device=ref.device)
-    if kind != "hessian":
-        acts = [a[:, 0] for a in f(eps0)[1]]
+    return fw.perturbed(batch, layers), eps0, onehot, torch.arange(D, device=ref.device)
 
-        def jcol(i):
-            return jvp(lambda e: f(e)[0].reshape(n, -1), (eps0,), (onehot(i),))[1]
 
-        J = vmap(jcol, chunk_size=chunk)(idx)  # (D, N, C)
-        return acts, J.permute(1, 2, 0)
+def _eps_jacobian(fw: Forward, batch: Batch, layers: list[RuleLayer], chunk):
+    """(acts: list of (N, A_l), J (N, C, D)): per-sample Jacobians of the output w.r.t. ε."""
+    f, eps0, onehot, idx = _eps_setup(fw, batch, layers)
+    n = batch.size
+    acts = [a[:, 0] for a in f(eps0)[1]]
+
+    def jcol(i):
+        return jvp(lambda e: f(e)[0].reshape(n, -1), (eps0,), (onehot(i),))[1]
+
+    J = vmap(jcol, chunk_size=chunk)(idx)  # (D, N, C)
+    return acts, J.permute(1, 2, 0)
+
+
+def _eps_hessian(fw: Forward, batch: Batch, layers: list[RuleLayer], chunk):
+    """(acts, δ (N, D), Hε (N, D, D), Jacts: list of (N, A_l, D)): per-sample gradient and
+    Hessian of the loss w.r.t. ε, and the Jacobians of the layers' inputs w.r.t. ε."""
+    f, eps0, onehot, idx = _eps_setup(fw, batch, layers)
 
     def loss_and_acts(eps):
         out, acts = f(eps)
@@ -102,14 +111,14 @@ def _starts(layers: list[RuleLayer]) -> list[slice]:
 def rule_dense(out, fw, batch, layers, kind, M, chunk) -> None:
     sl = _starts(layers)
     if kind != "hessian":
-        acts, J = _eps_derivatives(fw, batch, layers, kind, chunk)
+        acts, J = _eps_jacobian(fw, batch, layers, chunk)
         W = M @ J
         for u, lu in enumerate(layers):
             for v in range(u, len(layers)):
                 Q = J[:, :, sl[u]].transpose(1, 2) @ W[:, :, sl[v]]
                 _scatter(out, lu, layers[v], _kron_gemm(Q, acts[u], acts[v]))
         return
-    acts, delta, H, Ja = _eps_derivatives(fw, batch, layers, kind, chunk)
+    acts, delta, H, Ja = _eps_hessian(fw, batch, layers, chunk)
     n = batch.size
     for u, lu in enumerate(layers):
         for v in range(u, len(layers)):
@@ -130,14 +139,12 @@ def rule_dense(out, fw, batch, layers, kind, M, chunk) -> None:
             _scatter(out, lu, lv, blk)
 
 
-def rule_diag(out, fw, batch, layers, kind, M, chunk) -> None:
+def rule_hessian_diag(out, fw, batch, layers, chunk) -> None:
+    """Σₙ Hεₙ[(l,i),(l,i)] a_lₙ[j]² — the exact Hessian diagonal of the rule layers. (Gauss-Newton
+    diagonals come from the backpropagated pairs instead: ``structured.diag``.)"""
     sl = _starts(layers)
-    if kind != "hessian":
-        acts, J = _eps_derivatives(fw, batch, layers, kind, chunk)
-        q = (J * (M @ J)).sum(1)  # (N, D)
-    else:
-        acts, _, H, _ = _eps_derivatives(fw, batch, layers, kind, chunk)
-        q = H.diagonal(dim1=1, dim2=2)
+    acts, _, H, _ = _eps_hessian(fw, batch, layers, chunk)
+    q = H.diagonal(dim1=1, dim2=2)
     for u, lu in enumerate(layers):
         _scatter_diag(out, lu, q[:, sl[u]].T @ acts[u].square())
 

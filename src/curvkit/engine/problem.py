@@ -145,19 +145,22 @@ class Problem:
     def dense(self) -> torch.Tensor:
         return self._with_fallback(lambda: self._reduce(diag_only=False))
 
-    def diagonal(self) -> torch.Tensor:
+    def hessian_diagonal(self) -> torch.Tensor:
+        """The exact Hessian diagonal (Gauss-Newton diagonals: ``build(problem, "diag")``)."""
+        assert self.kind == "hessian", self.kind
         return self._with_fallback(lambda: self._reduce(diag_only=True))
 
     def _reduce(self, diag_only: bool) -> torch.Tensor:
         shape = (self.P,) if diag_only else (self.P, self.P)
         out = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        rule = _dense.rule_diag if diag_only else _dense.rule_dense
 
         def body(batch, M, chunks):
             # The ε rules use forward mode; without it every coordinate takes the generic path.
             layers = self.forward.rule_layers(batch) if self.forward_ad else []
-            if layers:
-                rule(out, self.forward, batch, layers, self.kind, M, chunks[0])
+            if layers and diag_only:
+                _dense.rule_hessian_diag(out, self.forward, batch, layers, chunks[0])
+            elif layers:
+                _dense.rule_dense(out, self.forward, batch, layers, self.kind, M, chunks[0])
             covered = _dense.rule_mask(self.forward, layers)
             _dense.fallback_columns(
                 out, self.forward, batch, self.kind, M, covered, chunks, diag_only, self.forward_ad
