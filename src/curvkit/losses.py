@@ -123,9 +123,12 @@ class Loss:
 
     def fisher_factors(self, out, tgt, mc_samples: int, generator) -> torch.Tensor:
         """(N, C, S): sampled gradients / √S, so that F̂ₙ = UₙUₙᵀ."""
-        Y = [self.sample_targets(out.detach(), tgt, generator) for _ in range(mc_samples)]
-        if self._closed_form_grad(out.detach(), Y[0]) is not None:
-            cols = torch.stack([self.per_sample_grads(out, y) for y in Y])  # (S, N, C)
+        out = out.detach()
+        Y = [self.sample_targets(out, tgt, generator) for _ in range(mc_samples)]
+        first = self._closed_form_grad(out, Y[0])
+        if first is not None:  # closed form: a few elementwise ops per draw
+            rest = [self._closed_form_grad(out, y) for y in Y[1:]]
+            cols = torch.stack([first, *rest]).reshape(mc_samples, out.shape[0], -1)  # (S, N, C)
         else:
             cols = vmap(lambda y: self.per_sample_grads(out, y))(torch.stack(Y))
         return cols.permute(1, 2, 0) / mc_samples**0.5
