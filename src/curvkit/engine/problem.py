@@ -119,7 +119,13 @@ class Problem:
                     side = partial(self.output_side, i, batch, factor=factor)
                 else:
                     side = self.output_side(i, batch, self.forward.output(batch), factor)
-                body(batch, side, self._chunks(batch))
+                try:
+                    body(batch, side, self._chunks(batch))
+                except RuntimeError as e:  # torch errors a user can act on, said plainly
+                    nice = translate(e)
+                    if nice is not None:
+                        raise nice from e
+                    raise
         return self._scale(total_norm)
 
     # -- reductions ------------------------------------------------------------------------------
@@ -128,19 +134,10 @@ class Problem:
         try:
             return reduction()
         except (NotImplementedError, RuntimeError) as e:
-            nice = translate(e)
-            if nice is not None:
-                raise nice from e
             if not (self.forward_ad and is_forward_ad_error(e)):
                 raise
         self.forward_ad = False
-        try:
-            return reduction()
-        except RuntimeError as e:
-            nice = translate(e)
-            if nice is not None:
-                raise nice from e
-            raise
+        return reduction()
 
     def dense(self) -> torch.Tensor:
         return self._with_fallback(lambda: self._reduce(diag_only=False))
