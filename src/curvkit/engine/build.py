@@ -57,6 +57,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
     per_layer = "kron" if structure == "ekfac" else structure
 
     def body(batch, side, chunks):
+        trace = fw.chain_trace(batch)  # also the probe rule_layers reads
         layers = fw.rule_layers(batch, structured=True)
         if state["layers"] is None:
             state["layers"] = layers
@@ -68,11 +69,11 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
                 "the same for every batch."
             )
         if layers:
-            acts, grads, F, signs = backprop(fw, batch, layers, side)
+            acts, grads, F, signs = backprop(fw, batch, layers, side, trace)
             for l, a, g in zip(layers, acts, grads):
                 _accumulate(state["stats"], id(l), _layer_stat(per_layer, a, g, signs, kfac_mode))
         else:
-            F, signs = side(fw.output(batch))
+            F, signs = side(fw.output(batch) if trace is None else trace.out)
         for gname, names in state["groups"].items():
             rows = _signed_rows(fallback_rows(fw, batch, F, names, chunks[0]), signs)
             _accumulate(state["fb"], gname, _fallback_stat(structure, rows))
@@ -87,7 +88,8 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         lam: dict = {}
 
         def second(batch, side, chunks):
-            acts, grads, _, signs = backprop(fw, batch, layers, side)
+            trace = fw.chain_trace(batch)
+            acts, grads, _, signs = backprop(fw, batch, layers, side, trace)
             for l, a, g in zip(layers, acts, grads):
                 _accumulate(lam, id(l), (red.ekfac_eigenvalues(a, g, signs, *bases[id(l)]),))
 

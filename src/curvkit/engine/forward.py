@@ -30,6 +30,7 @@ from ..data import Batch, _tensors, call_model, pick_output
 from ..errors import CurvkitValueError
 from ..losses import Loss
 from ..params import ParamLayout
+from .chain import Call, Trace, chain_of
 
 
 @dataclass
@@ -71,21 +72,27 @@ class RuleLayer:
         return isinstance(self.module, nn.modules.conv._ConvNd)
 
     def acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, R, A): the layer's augmented inputs at each of its R output positions."""
+        """(N, R, A): the layer's augmented inputs at each of its R output positions, written
+        once into one buffer (the bias's column of ones included)."""
         n = x.shape[0]
         if self.is_embedding:
             a = F.one_hot(x.reshape(n, -1), self.in_size).to(self.module.weight.dtype)
             if self.module.padding_idx is not None:  # its row gets no gradient
                 a[..., self.module.padding_idx] = 0
-        elif self.is_conv:
+            return a
+        if self.is_conv:
             c = self.module.in_channels // self.groups
-            a = _patches(self.module, x[:, self.group * c : (self.group + 1) * c], c)
+            view = _patch_view(self.module, x[:, self.group * c : (self.group + 1) * c], c)
+            inner = view.shape[view.dim() // 2 :]  # (C, *kernel)
         else:
-            a = x.reshape(n, -1, x.shape[-1])
-        parts = [a] if self.use_weight else []
+            view, inner = x, (x.shape[-1],)
+        rows = view.shape[1 : view.dim() - len(inner)]  # output positions
+        out = x.new_empty(n, math.prod(rows), self.A)
+        if self.use_weight:
+            out[:, :, : self.in_size].view(n, *rows, *inner).copy_(view)
         if self.use_bias:
-            parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            out[:, :, -1] = 1
+        return out
 
     def eps_shape(self, out_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of this layer's ε for a module output of ``out_shape``."""
@@ -101,6 +108,12 @@ class RuleLayer:
         after = out.new_zeros(n, c - (self.group + 1) * self.d, *rest)
         return out + torch.cat([before, eps, after], dim=1)
 
+    def own_channels(self, g: torch.Tensor) -> torch.Tensor:
+        """(K, N, C, ...) cotangent at the module output -> this group's channels."""
+        if self.groups == 1:
+            return g
+        return g[:, :, self.group * self.d : (self.group + 1) * self.d]
+
     def positions_last(self, g: torch.Tensor) -> torch.Tensor:
         """(K, N, *out) gradient w.r.t. the layer output -> (K, N, R, d)."""
         if self.is_conv:
@@ -108,25 +121,27 @@ class RuleLayer:
         return g.reshape(g.shape[0], g.shape[1], -1, self.d)
 
 
-def _patches(conv: nn.modules.conv._ConvNd, x: torch.Tensor, c: int) -> torch.Tensor:
-    """(N, R, C_in·prod(k)) patches, ordered like ``conv.weight[o].reshape(-1)``.
-
-    1-d and 2-d convolutions use im2col (``F.unfold``: memory moves only); 3-d ones and string
-    paddings a convolution with an identity kernel (correct for every case, but it costs as
-    many multiply-adds as a convolution with C_in·prod(k) output channels)."""
-    k = conv.kernel_size
-    if len(k) <= 2 and not isinstance(conv.padding, str):
-        if len(k) == 1:
-            x = x.unsqueeze(2)
-            args = [(1, k[0]), (1, conv.dilation[0]), (0, conv.padding[0]), (1, conv.stride[0])]
-        else:
-            args = [k, conv.dilation, conv.padding, conv.stride]
-        return F.unfold(x, *args).transpose(1, 2)
-    size = c * math.prod(k)
-    eye = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, c, *k)
-    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(k)]
-    p = fn(x, eye, None, conv.stride, conv.padding, conv.dilation)
-    return p.flatten(2).transpose(1, 2)
+def _patch_view(conv: nn.modules.conv._ConvNd, x: torch.Tensor, c: int) -> torch.Tensor:
+    """(N, *out positions, C_in, *kernel): a strided view of the (padded) input whose entry
+    [n, *p, :, ...] is the patch that output position p sees, ordered like ``conv.weight[o]``.
+    Copying it out is im2col for any dimension, stride, dilation and padding, in one pass."""
+    k, stride, dil = conv.kernel_size, conv.stride, conv.dilation
+    if conv.padding == "same":  # torch pads dilation·(k−1) in total, the odd one on the right
+        pads = [(d * (s - 1) // 2, d * (s - 1) - d * (s - 1) // 2) for s, d in zip(k, dil)]
+    elif conv.padding == "valid":
+        pads = [(0, 0)] * len(k)
+    else:
+        pads = [(p, p) for p in conv.padding]
+    if any(l or r for l, r in pads):
+        x = F.pad(x, [v for pair in reversed(pads) for v in pair])
+    spatial = x.shape[2:]
+    out = [(spatial[i] - dil[i] * (k[i] - 1) - 1) // stride[i] + 1 for i in range(len(k))]
+    s_n, s_c, *s_sp = x.stride()
+    return x.as_strided(
+        (x.shape[0], *out, c, *k),
+        (s_n, *[s * t for s, t in zip(s_sp, stride)], s_c, *[s * d for s, d in zip(s_sp, dil)]),
+        x.storage_offset(),
+    )
 
 
 def _owners(model: nn.Module) -> dict[int, int]:
@@ -161,6 +176,7 @@ class Forward:
         self.model, self.layout, self.loss, self.output_fn = model, layout, loss, output_fn
         self.params = {n: t.detach() for n, t in zip(layout.names, layout.tensors)}
         self._probe_cache: dict = {}
+        self._chains: dict[tuple, bool] = {}  # input shapes -> whether the fast route applies
         owners = _owners(model)
         self._candidates: list[RuleLayer] = []
         for mod in model.modules():
@@ -227,38 +243,68 @@ class Forward:
         """Elements of all leaf modules' outputs in one forward pass of the batch."""
         return self._probe(batch)[1]
 
+    def _key(self, batch: Batch) -> tuple:
+        return tuple((tuple(t.shape), t.dtype) for t in _tensors(batch.inputs))
+
     def _probe(self, batch: Batch) -> tuple[dict, int]:
         """Which modules ran on which shapes (and how many activations) for this batch.
 
         Cached by the batch's input shapes: forward() is assumed to take the same path for
         inputs of the same shapes; the ε hooks check each layer still runs once."""
-        if batch.probe is not None:
-            return batch.probe
-        key = tuple((tuple(t.shape), t.dtype) for t in _tensors(batch.inputs))
-        if key in self._probe_cache:
-            batch.probe = self._probe_cache[key]
-            return batch.probe
-        calls: dict[int, list] = defaultdict(list)
-        numel = [0]
+        if batch.probe is None:
+            batch.probe = self._probe_cache.get(self._key(batch))
+        if batch.probe is None:
+            self.record(batch)
+        return batch.probe
 
-        def record(mod, args, out):
-            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                calls[id(mod)].append((tuple(args[0].shape), tuple(out.shape)))
-            else:
-                calls[id(mod)].append(((), ()))
-            if isinstance(out, torch.Tensor):
-                numel[0] += out.numel()
+    def record(self, batch: Batch) -> Trace:
+        """One forward pass without autograd, every leaf module's calls recorded in order
+        (see NOTE [chains] in chain.py); it also serves as the batch's probe."""
+        calls: list[Call] = []
+
+        def hook(mod, args, kwargs, out):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            y = out if isinstance(out, torch.Tensor) else None
+            versions = (-1 if x is None else x._version, -1 if y is None else y._version)
+            single = x is not None and len(args) == 1 and not kwargs
+            calls.append(Call(mod, x, y, single, versions))
 
         leaves = [m for m in self.model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(record) for m in leaves]
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in leaves]
         try:
             with torch.no_grad():
                 out = self.output(batch)
         finally:
             for h in handles:
                 h.remove()
-        batch.probe = self._probe_cache[key] = (dict(calls), numel[0] + out.numel())
-        return batch.probe
+        shapes: dict[int, list] = defaultdict(list)
+        numel = out.numel()
+        for c in calls:
+            ok = c.input is not None and c.output is not None
+            shapes[id(c.module)].append(
+                (tuple(c.input.shape), tuple(c.output.shape)) if ok else ((), ())
+            )
+            numel += 0 if c.output is None else c.output.numel()
+        batch.probe = self._probe_cache[self._key(batch)] = (dict(shapes), numel)
+        return Trace(calls, out)
+
+    # -- chains ----------------------------------------------------------------------------------
+    def chain_trace(self, batch: Batch) -> Trace | None:
+        """A recorded forward pass of the batch, unless batches of its shapes do not chain."""
+        if self._chains.get(self._key(batch)) is False:
+            return None
+        return self.record(batch)
+
+    def chain(self, batch: Batch, trace: Trace, layers: list[RuleLayer]) -> list[Call] | None:
+        """The chain of calls from the first rule layer to the output, or None (remembered for
+        batches of the same shapes)."""
+        order = {id(c.module): i for i, c in enumerate(trace.calls)}
+        calls = None
+        if layers and all(id(l.module) in order for l in layers):
+            first = min(layers, key=lambda l: order[id(l.module)])
+            calls = chain_of(trace, first.module)
+        self._chains[self._key(batch)] = calls is not None
+        return calls
 
     @contextmanager
     def _inject(self, layers: list[RuleLayer], holder: dict):

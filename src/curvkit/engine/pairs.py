@@ -10,15 +10,25 @@ import torch
 from torch.func import functional_call, vjp, vmap
 
 from ..data import Batch, _map_tensors, pick_output
+from .chain import Trace, backprop_chain
 from .forward import Forward, RuleLayer
 
 
-def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side):
+def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Trace | None = None):
     """One forward pass, then the factor's columns backpropagated to every rule layer.
 
     ``side(out) -> (F (N, C, K), σ)`` turns the output into the factor. Returns
     (acts: list of (N, R, A), grads: list of (K, N, R, d), F, σ), where
-    grads[l][k, n] = ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer l's output)."""
+    grads[l][k, n] = ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer l's output). With a recorded ``trace`` of a chain
+    (NOTE [chains]) no further pass runs; otherwise autograd's pullback, vmapped over columns."""
+    calls = fw.chain(batch, trace, layers) if trace is not None else None
+    if calls is not None:
+        F, signs = side(trace.out)
+        got = backprop_chain(calls, {id(l.module) for l in layers}, _cotangents(F, trace.out))
+        inputs = {id(c.module): c.input for c in calls}
+        acts = [l.acts(inputs[id(l.module)]) for l in layers]
+        grads = [l.positions_last(l.own_channels(got[id(l.module)])) for l in layers]
+        return acts, grads, F, signs
     f = fw.perturbed(batch, layers)
     ref = fw.layout.tensors[0]
     eps0 = [
@@ -26,12 +36,17 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side):
     ]
     out, pullback, acts = vjp(f, eps0, has_aux=True)
     F, signs = side(out.detach())
-    cots = F.permute(2, 0, 1).reshape(F.shape[2], *out.shape)  # (K, *out)
+    cots = _cotangents(F, out)
     if F.shape[2] == 1:  # one column (MC Fisher, EF): a plain backward pass
         grads = [g[None] for g in pullback(cots[0])[0]]
     else:
         (grads,) = vmap(pullback)(cots)
     return acts, [l.positions_last(g) for l, g in zip(layers, grads)], F, signs
+
+
+def _cotangents(F: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(N, C, K) factor -> (K, *out): one cotangent of the output per column."""
+    return F.permute(2, 0, 1).reshape(F.shape[2], *out.shape)
 
 
 def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], chunk: int | None):

@@ -1,0 +1,153 @@
+"""The fast route of the pairs: backpropagation through a chain of known modules, by hand.
+
+NOTE [chains]. Many models are, from their first factorable layer on, a chain of leaf modules:
+each leaf's input is the previous leaf's output, and the model returns the last one (every
+``nn.Sequential``, and most hand-written MLPs and CNNs). One recorded forward pass (no autograd)
+shows whether a batch's computation is such a chain: a leaf's input is the very tensor object the
+previous leaf returned, so any operation between two leaves (a residual sum, ``x.view``, a
+functional activation) breaks it. When every link has a rule below, the factor's K columns are
+backpropagated as plain batched GEMMs and pointwise products — the columns are folded into the
+batch dimension, nothing is recomputed and no graph is kept, about twice as fast as ``vmap``
+over an autograd pullback. Anything else takes the generic route (``pairs.backprop``), which is
+exact for every model; ``tests/test_structured.py`` holds both routes to each other.
+
+Each rule maps the cotangent g (K, N, *out) at a module's output to (K, N, *in) at its input.
+Rules that read a recorded tensor name it, and a chain whose recorded tensor was later changed in
+place (``_version`` moved) is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import grad as nn_grad
+
+
+@dataclass
+class Call:
+    """One leaf-module call of a recorded forward pass."""
+
+    module: nn.Module
+    input: torch.Tensor | None  # the first positional argument, when a tensor
+    output: torch.Tensor | None
+    single: bool  # called with exactly one positional tensor and no keyword arguments
+    versions: tuple[int, int]  # ``_version`` of input and output right after the call
+
+    def unchanged(self, which: str) -> bool:
+        t = self.input if which == "input" else self.output
+        return t is not None and t._version == self.versions[which == "output"]
+
+
+@dataclass
+class Trace:
+    calls: list[Call]
+    out: torch.Tensor  # the picked model output
+
+
+def _linear(c: Call, g: torch.Tensor) -> torch.Tensor:
+    return g @ c.module.weight
+
+
+_CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
+
+
+def _conv(c: Call, g: torch.Tensor) -> torch.Tensor:
+    m, x, k = c.module, c.input, g.shape[0]
+    gin = _CONV_INPUT[x.dim() - 2](
+        (k * x.shape[0], *x.shape[1:]),
+        m.weight,
+        g.reshape(k * g.shape[1], *g.shape[2:]),
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+    )
+    return gin.view(k, *x.shape)
+
+
+def _reshape(c: Call, g: torch.Tensor) -> torch.Tensor:
+    return g.reshape(g.shape[0], *c.input.shape)
+
+
+def _pointwise(derivative: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+    return lambda c, g: g * derivative(c.module, c.output if c.output is not None else c.input)
+
+
+def _maxpool(c: Call, g: torch.Tensor) -> torch.Tensor:
+    m, x = c.module, c.input
+    nd = x.dim() - 2
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+    _, idx = pool(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+    k, n, ch = g.shape[0], x.shape[0], x.shape[1]
+    gin = g.new_zeros(k, n, ch, math.prod(x.shape[2:]))
+    flat = idx.reshape(1, n, ch, -1).expand(k, -1, -1, -1)
+    return gin.scatter_add_(3, flat, g.reshape(k, n, ch, -1)).view(k, *x.shape)
+
+
+# Rules: type -> (backward, the recorded tensor it reads or None, applicability check).
+_OUT, _IN = "output", "input"
+RULES: dict[type, tuple[Callable, str | None, Callable[[Call], bool]]] = {
+    nn.Linear: (_linear, None, lambda c: True),
+    nn.ReLU: (_pointwise(lambda m, y: y > 0), _OUT, lambda c: True),
+    nn.Tanh: (_pointwise(lambda m, y: 1 - y * y), _OUT, lambda c: True),
+    nn.Sigmoid: (_pointwise(lambda m, y: y * (1 - y)), _OUT, lambda c: True),
+    nn.LeakyReLU: (
+        _pointwise(lambda m, y: torch.where(y > 0, 1.0, m.negative_slope).to(y.dtype)),
+        _OUT,
+        lambda c: c.module.negative_slope > 0,
+    ),
+    nn.Flatten: (_reshape, None, lambda c: True),
+    nn.Unflatten: (_reshape, None, lambda c: True),
+    nn.Identity: (_reshape, None, lambda c: True),
+    nn.Dropout: (_reshape, None, lambda c: not c.module.training or c.module.p == 0),
+}
+for _conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    RULES[_conv_type] = (
+        _conv,
+        None,
+        lambda c: (
+            c.module.padding_mode == "zeros"
+            and not isinstance(c.module.padding, str)
+            and c.input.dim() == c.module.weight.dim()
+        ),
+    )
+for _nd, _pool_type in enumerate((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), start=1):
+    RULES[_pool_type] = (_maxpool, _IN, lambda c, nd=_nd: c.input.dim() == nd + 2)
+
+
+def chain_of(trace: Trace, first: nn.Module) -> list[Call] | None:
+    """The calls from ``first``'s (single) call to the output, if they form a chain of modules
+    with rules whose recorded tensors are intact; else None."""
+    start = [i for i, c in enumerate(trace.calls) if c.module is first]
+    if len(start) != 1:
+        return None
+    calls = trace.calls[start[0] :]
+    if calls[-1].output is not trace.out or not calls[0].unchanged(_IN):
+        return None
+    for prev, c in zip(calls, calls[1:]):
+        rule = RULES.get(type(c.module))
+        if rule is None or not c.single or c.input is not prev.output or c.output is None:
+            return None
+        _, reads, applies = rule
+        if not applies(c) or (reads is not None and not c.unchanged(reads)):
+            return None
+    return calls
+
+
+def backprop_chain(calls: list[Call], wanted: set[int], cots: torch.Tensor) -> dict:
+    """{id(module): cotangent at its output (K, N, *out)} for the modules in ``wanted``, from
+    the cotangent ``cots`` (K, N, *out) at the chain's end."""
+    got = {}
+    g = cots
+    for c in reversed(calls):
+        if id(c.module) in wanted:
+            got[id(c.module)] = g
+            if len(got) == len(wanted):
+                break
+        g = RULES[type(c.module)][0](c, g)
+    return got
