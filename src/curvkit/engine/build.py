@@ -54,7 +54,12 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         return _hessian_structure(problem, structure)
     fw, layout = problem.forward, problem.layout
     state: dict = {"layers": None, "stats": {}, "fb": {}, "groups": None}
-    per_layer = "kron" if structure == "ekfac" else structure
+    per_layer = {
+        "kron": lambda: red.Kron(kfac_mode),
+        "ekfac": lambda: red.Kron(kfac_mode),
+        "diag": red.Diag,
+        "block": red.Block,
+    }[structure]
 
     def body(batch, side, chunks):
         trace = fw.chain_trace(batch)  # also the probe rule_layers reads
@@ -62,6 +67,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         if state["layers"] is None:
             state["layers"] = layers
             state["groups"] = _fallback_groups(problem, _names_of(layers, layout))
+            state["stats"] = {id(l): per_layer() for l in layers}
         elif [id(l) for l in layers] != [id(l) for l in state["layers"]]:
             raise CurvkitValueError(
                 "the layers curvkit can factor changed between batches (a layer was called a "
@@ -69,9 +75,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
                 "the same for every batch."
             )
         if layers:
-            acts, grads, F, signs = backprop(fw, batch, layers, side, trace)
-            for l, a, g in zip(layers, acts, grads):
-                _accumulate(state["stats"], id(l), _layer_stat(per_layer, a, g, signs, kfac_mode))
+            F, signs = _reduce_pairs(fw, batch, layers, side, trace, state["stats"])
         else:
             F, signs = side(fw.output(batch) if trace is None else trace.out)
         for gname, names in state["groups"].items():
@@ -80,34 +84,39 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
 
     scale = problem._run(structure, body, factor=True, lazy=True)
     layers = state["layers"] or []
+    stats = {k: v.result() for k, v in state["stats"].items()}
     if structure == "ekfac":
         bases = {}
         for l in layers:
-            B, A, count = state["stats"][id(l)]
+            B, A, count = stats[id(l)]
             bases[id(l)] = (torch.linalg.eigh(B)[1], torch.linalg.eigh(A)[1])
-        lam: dict = {}
+        lam = {id(l): red.Ekfac(*bases[id(l)]) for l in layers}
 
         def second(batch, side, chunks):
-            trace = fw.chain_trace(batch)
-            acts, grads, _, signs = backprop(fw, batch, layers, side, trace)
-            for l, a, g in zip(layers, acts, grads):
-                _accumulate(lam, id(l), (red.ekfac_eigenvalues(a, g, signs, *bases[id(l)]),))
+            _reduce_pairs(fw, batch, layers, side, fw.chain_trace(batch), lam)
 
         if layers:
             problem._run("ekfac eigenvalues", second, factor=True, lazy=True)
     blocks, index, labels = [], [], []
     for l in layers:
-        st = state["stats"][id(l)]
+        st, p = stats[id(l)], l.natural_order()  # A axis: the order of acts -> of parameters
+        if p is not None:
+            p = p.to(problem.device)
         if structure == "kron":
             B, A, count = st
+            A = A if p is None else A[p][:, p]
             blocks.append(KronBlock.from_factors(B * (scale / count), A))
         elif structure == "ekfac":
             UB, UA = bases[id(l)]
-            blocks.append(KronBlock(UB, UA, lam[id(l)][0] * scale))
+            UA = UA if p is None else UA[p]
+            blocks.append(KronBlock(UB, UA, lam[id(l)].result() * scale))
         elif structure == "diag":
-            blocks.append(DiagBlock(st[0].reshape(-1) * scale))
+            blocks.append(DiagBlock((st if p is None else st[:, p]).reshape(-1) * scale))
         else:
-            blocks.append(DenseBlock(st[0] * scale))
+            if p is not None:
+                q = (torch.arange(l.d, device=p.device)[:, None] * l.A + p).reshape(-1)
+                st = st[q][:, q]
+            blocks.append(DenseBlock(st * scale))
         index.append(red.layer_index(l, problem.device))
         group = f" group {l.group + 1}/{l.groups}" if l.groups > 1 else ""
         labels.append(f"{type(l.module).__name__}{group} ({structure})")
@@ -119,12 +128,17 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
     return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
 
 
-def _layer_stat(structure, a, g, signs, mode):
-    if structure == "kron":
-        return red.kfac_factors(a, g, signs, mode)
-    if structure == "diag":
-        return (red.diag(a, g, signs),)
-    return (red.block(a, g, signs),)
+def _reduce_pairs(fw, batch, layers, side, trace, stats: dict):
+    """Backpropagate the factor's columns to the rule layers and feed each layer's accumulator;
+    return the factor (F, σ)."""
+    acts, F, signs, parts = backprop(fw, batch, layers, side, trace)
+    for l, a in zip(layers, acts):
+        stats[id(l)].add_inputs(a)
+    for cols, grads in parts:
+        s = None if signs is None else signs[:, cols]
+        for l, g in zip(layers, grads):
+            stats[id(l)].add_columns(g, s)
+    return F, signs
 
 
 def _signed_rows(rows, signs):

@@ -82,8 +82,8 @@ class RuleLayer:
             return a
         if self.is_conv:
             c = self.module.in_channels // self.groups
-            view = _patch_view(self.module, x[:, self.group * c : (self.group + 1) * c], c)
-            inner = view.shape[view.dim() // 2 :]  # (C, *kernel)
+            view = _patch_view(self.module, x[:, self.group * c : (self.group + 1) * c])
+            inner = view.shape[view.dim() // 2 :]  # (*kernel, C)
         else:
             view, inner = x, (x.shape[-1],)
         rows = view.shape[1 : view.dim() - len(inner)]  # output positions
@@ -93,6 +93,16 @@ class RuleLayer:
         if self.use_bias:
             out[:, :, -1] = 1
         return out
+
+    def natural_order(self) -> torch.Tensor | None:
+        """The permutation p of the A columns of :meth:`acts` into the parameters' order
+        (``acts(x)[..., p]`` is ordered like ``weight[o]`` then the bias), or None if they
+        already are. Convolution patches come channels last (see ``_patch_view``)."""
+        if not self.is_conv or not self.use_weight:
+            return None
+        c, kernel = self.module.in_channels // self.groups, math.prod(self.module.kernel_size)
+        p = torch.arange(self.in_size).view(kernel, c).T.reshape(-1)  # (C, k) <- (k, C)
+        return torch.cat([p, torch.tensor([self.in_size])]) if self.use_bias else p
 
     def eps_shape(self, out_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of this layer's ε for a module output of ``out_shape``."""
@@ -121,10 +131,13 @@ class RuleLayer:
         return g.reshape(g.shape[0], g.shape[1], -1, self.d)
 
 
-def _patch_view(conv: nn.modules.conv._ConvNd, x: torch.Tensor, c: int) -> torch.Tensor:
-    """(N, *out positions, C_in, *kernel): a strided view of the (padded) input whose entry
-    [n, *p, :, ...] is the patch that output position p sees, ordered like ``conv.weight[o]``.
-    Copying it out is im2col for any dimension, stride, dilation and padding, in one pass."""
+def _patch_view(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """(N, *out positions, *kernel, C_in): a strided view of the (padded) input, channels last,
+    whose entry [n, *p] is the patch output position p sees. Copying it out is im2col for any
+    dimension, stride, dilation and padding in one pass, and with channels last its innermost
+    runs are contiguous: 0.36 ms for the digits CNN's second layer against 3.1 ms with channels
+    first (or ``F.unfold``). The columns are ordered (*kernel, C), not like ``weight[o]``
+    (C, *kernel): :meth:`RuleLayer.natural_order` maps them."""
     k, stride, dil = conv.kernel_size, conv.stride, conv.dilation
     if conv.padding == "same":  # torch pads dilation·(k−1) in total, the odd one on the right
         pads = [(d * (s - 1) // 2, d * (s - 1) - d * (s - 1) // 2) for s, d in zip(k, dil)]
@@ -134,13 +147,13 @@ def _patch_view(conv: nn.modules.conv._ConvNd, x: torch.Tensor, c: int) -> torch
         pads = [(p, p) for p in conv.padding]
     if any(l or r for l, r in pads):
         x = F.pad(x, [v for pair in reversed(pads) for v in pair])
-    spatial = x.shape[2:]
+    x = x.movedim(1, -1).contiguous()  # (N, *spatial, C)
+    spatial = x.shape[1:-1]
     out = [(spatial[i] - dil[i] * (k[i] - 1) - 1) // stride[i] + 1 for i in range(len(k))]
-    s_n, s_c, *s_sp = x.stride()
+    s_n, *s_sp, s_c = x.stride()
     return x.as_strided(
-        (x.shape[0], *out, c, *k),
-        (s_n, *[s * t for s, t in zip(s_sp, stride)], s_c, *[s * d for s, d in zip(s_sp, dil)]),
-        x.storage_offset(),
+        (x.shape[0], *out, *k, x.shape[-1]),
+        (s_n, *[s * t for s, t in zip(s_sp, stride)], *[s * d for s, d in zip(s_sp, dil)], s_c),
     )
 
 

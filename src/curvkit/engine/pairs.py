@@ -14,21 +14,26 @@ from .chain import Trace, backprop_chain
 from .forward import Forward, RuleLayer
 
 
+# Columns backpropagated together on the fast route: the largest cotangent of a chunk stays
+# within this many bytes. Fresh large temporaries are slow (page faults), and per-column GEMMs
+# and convolutions at a batch's size are already efficient.
+CHUNK_BYTES = 4 * 2**20
+
+
 def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Trace | None = None):
     """One forward pass, then the factor's columns backpropagated to every rule layer.
 
     ``side(out) -> (F (N, C, K), σ)`` turns the output into the factor. Returns
-    (acts: list of (N, R, A), grads: list of (K, N, R, d), F, σ), where
-    grads[l][k, n] = ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer l's output). With a recorded ``trace`` of a chain
-    (NOTE [chains]) no further pass runs; otherwise autograd's pullback, vmapped over columns."""
+    (acts: list of (N, R, A), F, σ, parts), where ``parts`` yields (columns, grads) for chunks
+    of the factor's columns: grads[l] (k, N, R, d) with grads[l][k, n] = ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer
+    l's output) for k in ``columns`` (a slice). With a recorded ``trace`` of a chain (NOTE
+    [chains]) no further pass runs; otherwise autograd's pullback, vmapped over all columns."""
     calls = fw.chain(batch, trace, layers) if trace is not None else None
     if calls is not None:
         F, signs = side(trace.out)
-        got = backprop_chain(calls, {id(l.module) for l in layers}, _cotangents(F, trace.out))
         inputs = {id(c.module): c.input for c in calls}
         acts = [l.acts(inputs[id(l.module)]) for l in layers]
-        grads = [l.positions_last(l.own_channels(got[id(l.module)])) for l in layers]
-        return acts, grads, F, signs
+        return acts, F, signs, _chain_parts(calls, layers, F, trace.out)
     f = fw.perturbed(batch, layers)
     ref = fw.layout.tensors[0]
     eps0 = [
@@ -41,7 +46,20 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Tr
         grads = [g[None] for g in pullback(cots[0])[0]]
     else:
         (grads,) = vmap(pullback)(cots)
-    return acts, [l.positions_last(g) for l, g in zip(layers, grads)], F, signs
+    grads = [l.positions_last(g) for l, g in zip(layers, grads)]
+    return acts, F, signs, iter([(slice(0, F.shape[2]), grads)])
+
+
+def _chain_parts(calls, layers: list[RuleLayer], F: torch.Tensor, out: torch.Tensor):
+    cots = _cotangents(F, out)
+    K = cots.shape[0]
+    widest = max(c.output.numel() for c in calls) * cots.element_size()
+    step = max(1, CHUNK_BYTES // widest)
+    wanted = {id(l.module) for l in layers}
+    for start in range(0, K, step):
+        cols = slice(start, min(K, start + step))
+        got = backprop_chain(calls, wanted, cots[cols])
+        yield cols, [l.positions_last(l.own_channels(got[id(l.module)])) for l in layers]
 
 
 def _cotangents(F: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,8 @@ class KronBlock(Block):
     it (logdet, solve, inverse, sampling, damping): products, diagonal and trace use B and A."""
 
     def __init__(self, UB=None, UA=None, lam=None, *, factors=None):
+        # contiguous: torch.kron fails on a mix of row- and column-major (eigh's) inputs
+        UB, UA = (None if U is None else U.contiguous() for U in (UB, UA))
         self.UB, self.UA, self.lam, self.factors = UB, UA, lam, factors
         d, A = (factors[0].shape[0], factors[1].shape[0]) if factors is not None else lam.shape
         self.shape2 = (d, A)
@@ -66,8 +68,9 @@ class KronBlock(Block):
     def _eig(self) -> KronBlock:
         if self.lam is None:
             B, A = self.factors
-            lb, self.UB = torch.linalg.eigh(B)
-            la, self.UA = torch.linalg.eigh(A)
+            lb, UB = torch.linalg.eigh(B)
+            la, UA = torch.linalg.eigh(A)
+            self.UB, self.UA = UB.contiguous(), UA.contiguous()
             self.lam = lb[:, None] * la[None, :]
         return self
 
