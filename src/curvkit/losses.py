@@ -187,12 +187,16 @@ class CrossEntropy(Loss):
                 f"CrossEntropyLoss with class-index targets needs targets of shape {want} for "
                 f"output {tuple(out.shape)}, got {tuple(tgt.shape)}."
             )
-        valid = tgt[tgt != self.ignore_index]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= out.shape[1]):
+        if tgt.numel() == 0:
+            return
+        # ignored entries set to 0 so they cannot move the range (one pass, no boolean index)
+        lo, hi = torch.aminmax(tgt.masked_fill(tgt == self.ignore_index, 0))
+        if int(lo) < 0 or int(hi) >= out.shape[1]:
+            valid = tgt[tgt != self.ignore_index]  # the exact range, for the message
+            lo, hi = valid.min(), valid.max()
             raise CurvkitValueError(
                 f"CrossEntropyLoss targets must be class indices in [0, {out.shape[1] - 1}]"
-                f" (or ignore_index={self.ignore_index}); got values in "
-                f"[{int(valid.min())}, {int(valid.max())}]."
+                f" (or ignore_index={self.ignore_index}); got values in [{int(lo)}, {int(hi)}]."
             )
 
     def _kappa(self, out, tgt) -> torch.Tensor | None:

@@ -85,7 +85,8 @@ def _reshape(c: Call, g: torch.Tensor) -> torch.Tensor:
 
 
 def _pointwise(derivative: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
-    return lambda c, g: g * derivative(c.module, c.output if c.output is not None else c.input)
+    """g times the derivative, in place: ``backprop_chain`` hands these rules a tensor it owns."""
+    return lambda c, g: g.mul_(derivative(c.module, c.output))
 
 
 def _maxpool(c: Call, g: torch.Tensor) -> torch.Tensor:
@@ -130,6 +131,10 @@ for _nd, _pool_type in enumerate((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), sta
     RULES[_pool_type] = (_maxpool, _IN, lambda c, nd=_nd: c.input.dim() == nd + 2)
 
 
+_IN_PLACE = {r[0] for t, r in RULES.items() if t in (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)}
+_VIEWS = {_reshape}
+
+
 def chain_of(trace: Trace, first: nn.Module) -> list[Call] | None:
     """The calls from ``first``'s (single) call to the output, if they form a chain of modules
     with rules whose recorded tensors are intact; else None."""
@@ -153,11 +158,15 @@ def backprop_chain(calls: list[Call], wanted: set[int], cots: torch.Tensor) -> d
     """{id(module): cotangent at its output (K, N, *out)} for the modules in ``wanted``, from
     the cotangent ``cots`` (K, N, *out) at the chain's end."""
     got = {}
-    g = cots
+    g, owned = cots, False  # pointwise rules work in place, on tensors made here only
     for c in reversed(calls):
         if id(c.module) in wanted:
             got[id(c.module)] = g
             if len(got) == len(wanted):
                 break
-        g = RULES[type(c.module)][0](c, g)
+        rule = RULES[type(c.module)][0]
+        if rule in _IN_PLACE and not owned:
+            g = g.clone()
+        g = rule(c, g)
+        owned = owned or rule not in _VIEWS  # kept as a view of what was owned, or not
     return got
