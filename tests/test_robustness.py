@@ -80,3 +80,17 @@ def test_loss_without_forward_mode_ad(loss_fn):
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT).eval()
     x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
     _exact_or_curvkit_error(model, loss_fn, x, y)
+
+
+def test_monte_carlo_class_draws_follow_the_softmax():
+    """The MC Fisher's sampler: class frequencies over 200k draws match p within 5 standard
+    errors (fixed seed), including a class of probability 0 that must never be drawn."""
+    from curvkit.losses import _categorical
+
+    p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05], dtype=torch.float64)
+    n = 200_000
+    y = _categorical(p.expand(n, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(y, minlength=5).double() / n
+    se = (p * (1 - p) / n).sqrt()
+    assert freq[1] == 0
+    assert bool(((freq - p).abs() <= 5 * se + 1e-12).all()), (freq, p)

@@ -285,11 +285,13 @@ class Forward:
         leaves = [m for m in self.model.modules() if not list(m.children())]
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in leaves]
         try:
-            with torch.no_grad():
-                out = self.output(batch)
+            with torch.no_grad():  # the module's own parameters: the same values, no swapping
+                out = pick_output(call_model(self.model, batch.inputs), self.output_fn)
         finally:
             for h in handles:
                 h.remove()
+        if out.dim() == 0 or out.shape[0] != batch.size:
+            raise_output_mismatch(out, batch)
         shapes: dict[int, list] = defaultdict(list)
         numel = out.numel()
         for c in calls:

@@ -25,6 +25,25 @@ from .forward import Forward
 from .products import cached_hessian_product
 
 
+class _Lazy:
+    """A tuple computed on first use (chunk sizes need a probe, which a body may not need, or
+    may get from the forward pass it runs anyway)."""
+
+    def __init__(self, make: Callable[[], tuple]):
+        self._make, self._value = make, None
+
+    def _get(self) -> tuple:
+        if self._value is None:
+            self._value = self._make()
+        return self._value
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __iter__(self):
+        return iter(self._get())
+
+
 class Problem:
     def __init__(
         self,
@@ -106,7 +125,7 @@ class Problem:
         return max(1, budget // per_tangent), max(1, min(4096, budget // per_column))
 
     def _run(self, desc: str, body: Callable, factor: bool = False, lazy: bool = False) -> float:
-        """Visit every batch once: ``body(batch, side, chunk sizes)``; return the scale s.
+        """Visit every batch once: ``body(batch, side, chunk sizes (lazy))``; return the scale s.
 
         ``side`` is Mₙ (or (Fₙ, σₙ) with ``factor``) from a forward pass made here, or, with
         ``lazy``, a function ``out -> side`` for bodies that run the forward pass themselves."""
@@ -120,7 +139,7 @@ class Problem:
                 else:
                     side = self.output_side(i, batch, self.forward.output(batch), factor)
                 try:
-                    body(batch, side, self._chunks(batch))
+                    body(batch, side, _Lazy(partial(self._chunks, batch)))
                 except RuntimeError as e:  # torch errors a user can act on, said plainly
                     nice = translate(e)
                     if nice is not None:
