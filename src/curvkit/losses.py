@@ -139,7 +139,7 @@ def _categorical(p: torch.Tensor, gen) -> torch.Tensor:
     (a few elementwise ops; ``torch.multinomial`` costs ~5× more at these sizes)."""
     u = torch.rand(p.shape[0], 1, dtype=p.dtype, device=p.device, generator=gen)
     cdf = p.cumsum(-1)
-    return (cdf < u * cdf[:, -1:]).sum(-1).clamp_(max=p.shape[-1] - 1)
+    return (cdf <= u * cdf[:, -1:]).sum(-1).clamp_(max=p.shape[-1] - 1)  # class c: cdf[c-1] ≤ u·Σ < cdf[c]
 
 
 def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
