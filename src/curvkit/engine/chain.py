@@ -36,6 +36,7 @@ class Call:
     output: torch.Tensor | None
     single: bool  # called with exactly one positional tensor and no keyword arguments
     versions: tuple[int, int]  # ``_version`` of input and output right after the call
+    derivative: torch.Tensor | None = None  # a pointwise module's, once computed
 
     def unchanged(self, which: str) -> bool:
         t = self.input if which == "input" else self.output
@@ -85,8 +86,15 @@ def _reshape(c: Call, g: torch.Tensor) -> torch.Tensor:
 
 
 def _pointwise(derivative: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
-    """g times the derivative, in place: ``backprop_chain`` hands these rules a tensor it owns."""
-    return lambda c, g: g.mul_(derivative(c.module, c.output))
+    """g times the derivative, in place (``backprop_chain`` hands these rules a tensor it owns);
+    the derivative is computed once per call and kept for the next chunk of columns."""
+
+    def rule(c: Call, g: torch.Tensor) -> torch.Tensor:
+        if c.derivative is None:
+            c.derivative = derivative(c.module, c.output)
+        return g.mul_(c.derivative)
+
+    return rule
 
 
 def _maxpool(c: Call, g: torch.Tensor) -> torch.Tensor:
