@@ -112,7 +112,7 @@ def _maxpool(c: Call, g: torch.Tensor) -> torch.Tensor:
 _OUT, _IN = "output", "input"
 RULES: dict[type, tuple[Callable, str | None, Callable[[Call], bool]]] = {
     nn.Linear: (_linear, None, lambda c: True),
-    nn.ReLU: (_pointwise(lambda m, y: y > 0), _OUT, lambda c: True),
+    nn.ReLU: (_pointwise(lambda m, y: (y > 0).to(y.dtype)), _OUT, lambda c: True),
     nn.Tanh: (_pointwise(lambda m, y: 1 - y * y), _OUT, lambda c: True),
     nn.Sigmoid: (_pointwise(lambda m, y: y * (1 - y)), _OUT, lambda c: True),
     nn.LeakyReLU: (

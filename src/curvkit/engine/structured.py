@@ -71,16 +71,17 @@ def _weights(signs: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor
 
 
 def _per_sample_sq_sum(out, a, g, signs) -> None:
-    """out += Σₙₖ σ Gₙₖ⊙² with Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ, chunked over samples (one batched GEMM of
-    (K·d × R) by (R × A) per sample)."""
+    """out += Σₙₖ σ Gₙₖ⊙² with Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ: per column, batched GEMMs (aₙᵀ gₙₖ) on
+    strided views (no operand copied), chunked over samples."""
     K, N, R, d = g.shape
-    for sl in _sample_chunks(N, K * d * a.shape[-1]):
-        gs = g[:, sl].permute(1, 0, 3, 2).reshape(-1, K * d, R)  # (n, K·d, R)
-        G = torch.bmm(gs, a[sl]).view(-1, K, d, a.shape[-1])  # (n, K, d, A)
-        G.square_()
-        if signs is not None:
-            G.mul_(signs[sl][:, :, None, None])
-        out += G.sum((0, 1))
+    aT = a.transpose(1, 2)  # (N, A, R)
+    for sl in _sample_chunks(N, d * a.shape[-1]):
+        for k in range(K):
+            G = torch.bmm(aT[sl], g[k, sl])  # (n, A, d) = Gₙₖᵀ
+            G.square_()
+            if signs is not None:
+                G.mul_(signs[sl, k][:, None, None])
+            out += G.sum(0).T
 
 
 def _sq_sum_one_position(out, a, g, signs) -> None:
