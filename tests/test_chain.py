@@ -167,3 +167,91 @@ def test_mse_regression_chain():
     op = ck.ggn(model, nn.MSELoss(reduction="sum"), (x, y), structure="diag")
     ref = ref_ggn(model, mse_sample, 1.0, [(x, y)])
     assert_close(op.diagonal(), ref.diagonal(), what="MSE chain diagonal")
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian-vector products through chains (engine/rop.py)
+# --------------------------------------------------------------------------------------------
+def _hvp_cases():
+    """name -> (model, loss, one batch, params or None)."""
+    torch.manual_seed(7)
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    seq = torch.randn(5, 3, 4, dtype=DT)
+    mlp = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.Tanh(),
+        nn.Linear(6, 5),
+        nn.Sigmoid(),
+        nn.Dropout(0.2),
+        nn.Linear(5, 5),
+        nn.LeakyReLU(0.2),
+        nn.Linear(5, 4),
+        nn.ReLU(),
+        nn.Linear(4, 3),
+    )
+    frozen = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    sequence = nn.Sequential(
+        nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2, bias=False), nn.Flatten(), nn.Linear(6, 3)
+    )
+    mse = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2))
+    out = {
+        "mlp_ce_mean": (mlp, nn.CrossEntropyLoss(), (x, y), None),
+        # weight of the first layer and all of the last only; the middle layer frozen
+        "params_subset": (
+            frozen,
+            nn.CrossEntropyLoss(reduction="sum"),
+            (x, y),
+            [frozen[0].weight, frozen[4].weight, frozen[4].bias],
+        ),
+        "sequence_ce": (sequence, nn.CrossEntropyLoss(), (seq, torch.randint(0, 3, (5,))), None),
+        "mse_sum": (mse, nn.MSELoss(reduction="sum"), (x, torch.randn(8, 2, dtype=DT)), None),
+        # a callable loss: output gradients and Hessians by autodiff
+        "callable": (
+            mse,
+            lambda o, t: ((o - t) ** 4).sum(),
+            (x, torch.randn(8, 2, dtype=DT)),
+            None,
+        ),
+    }
+    return {k: (m.to(DT).eval(), *rest) for k, (m, *rest) in out.items()}
+
+
+HVP_CASES = _hvp_cases()
+
+
+@pytest.mark.parametrize("name", list(HVP_CASES))
+def test_chain_hessian_products(name, monkeypatch):
+    from helpers import ref_hessian
+
+    from curvkit.engine import rop
+
+    model, loss, batch, params = HVP_CASES[name]
+    calls = {"n": 0}
+    real = rop._ChainHVP.__call__
+
+    def spy(self, V):
+        calls["n"] += 1
+        return real(self, V)
+
+    monkeypatch.setattr(rop._ChainHVP, "__call__", spy)
+    H = ck.hessian(model, loss, batch, params=params, structure="operator")
+    V = torch.randn(H.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    ref = ref_hessian(model, loss, [batch], params)
+    assert_close(H @ V, ref @ V, what=f"{name}: H V through the chain")
+    assert_close(H @ V[:, :1], ref @ V[:, :1], what=f"{name}: one column")
+    assert calls["n"] == 2, "the chain route was not taken"
+    top = ck.top_eigenvalues(H, k=2)
+    expected = torch.linalg.eigvalsh(ref).flip(0)[:2]
+    assert bool(((top - expected).abs() <= 1e-4 * expected.abs()).all()), (name, top, expected)
+
+
+def test_tied_weights_take_the_generic_product():
+    from helpers import ref_hessian
+
+    torch.manual_seed(8)
+    a = nn.Linear(4, 4).to(DT)
+    model = nn.Sequential(a, nn.Tanh(), a, nn.Tanh(), nn.Linear(4, 3).to(DT))
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y), structure="operator")
+    V = torch.randn(H.shape[0], 2, dtype=DT)
+    assert_close(H @ V, ref_hessian(model, nn.CrossEntropyLoss(), [(x, y)]) @ V, what="tied")
