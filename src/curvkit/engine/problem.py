@@ -23,7 +23,6 @@ from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
 from .products import cached_hessian_product
-from .rop import chain_hessian_product
 
 
 class _Lazy:
@@ -201,9 +200,7 @@ class Problem:
                 if self.kind == "hessian" and self.source.single:
                     # One batch, many products (Lanczos, trace estimates): keep its graph.
                     if self._cached_product is None:
-                        self._cached_product = chain_hessian_product(
-                            self.forward, batch
-                        ) or cached_hessian_product(self.forward, batch)
+                        self._cached_product = cached_hessian_product(self.forward, batch)
                     out.add_(self._cached_product(V))
                     return
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], self.forward_ad)
