@@ -55,7 +55,8 @@ def _chain_parts(calls, layers: list[RuleLayer], F: torch.Tensor, out: torch.Ten
     cots = _cotangents(F, out)
     K = cots.shape[0]
     widest = max(c.output.numel() for c in calls) * cots.element_size()
-    step = max(1, CHUNK_BYTES // widest)
+    parts = -(-K // max(1, CHUNK_BYTES // widest))  # as few chunks as fit, of even sizes
+    step = -(-K // parts)
     wanted = {id(l.module) for l in layers}
     for start in range(0, K, step):
         cols = slice(start, min(K, start + step))

@@ -22,34 +22,35 @@ from .dense import _kron_gemm
 from .forward import RuleLayer
 
 
-def _edges(n: int) -> list[int]:
-    """Column blocks of a Gram matrix: one per ~128 columns, at most 8 (measured on 2 cores:
-    (256 × 1153) takes 2.7 ms in 8 blocks against 6.5 ms whole; below 256 columns one GEMM)."""
-    b = min(8, max(1, n // 128))
-    return [n * i // b for i in range(b + 1)]
+class Gram:
+    """A running Σ Xᵀ Y over row blocks X, Y (Xᵀ Y symmetric: a Gram matrix, possibly weighted),
+    of which only the upper block triangle is multiplied and accumulated in place; the lower
+    blocks are filled once, by :meth:`result`.
 
+    Column blocks: one per 128 columns, or per 64 when the first block of rows is tall (at least
+    twice as many rows as columns), at most 8 (measured on 2 cores: (256 × 1153) 3.6 ms in 8
+    blocks against 6.9 ms whole, (768 × 256) 0.44 ms in 4 against 0.61 ms)."""
 
-def gram_add(acc: torch.Tensor | None, X: torch.Tensor, Y: torch.Tensor | None = None):
-    """acc += the upper block triangle of Xᵀ Y (Y = X if None), in place, allocated on first use.
+    def __init__(self):
+        self.acc: torch.Tensor | None = None
+        self.edges: list[int] = []
 
-    Xᵀ Y must be symmetric (a Gram matrix, possibly weighted); :func:`mirror` fills the lower
-    blocks once at the end, so b(b+1)/2 of b² blocks are multiplied."""
-    Y = X if Y is None else Y
-    n = X.shape[1]
-    if acc is None:
-        acc = torch.zeros(n, n, dtype=X.dtype, device=X.device)
-    e = _edges(n)
-    for i in range(len(e) - 1):
-        acc[e[i] : e[i + 1], e[i] :].addmm_(X[:, e[i] : e[i + 1]].T, Y[:, e[i] :])
-    return acc
+    def add(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> None:
+        Y = X if Y is None else Y
+        n = X.shape[1]
+        if self.acc is None:
+            self.acc = torch.zeros(n, n, dtype=X.dtype, device=X.device)
+            b = min(8, max(1, n // (64 if X.shape[0] >= 2 * n else 128)))
+            self.edges = [n * i // b for i in range(b + 1)]
+        e = self.edges
+        for i in range(len(e) - 1):
+            self.acc[e[i] : e[i + 1], e[i] :].addmm_(X[:, e[i] : e[i + 1]].T, Y[:, e[i] :])
 
-
-def mirror(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper block triangle :func:`gram_add` accumulated."""
-    e = _edges(acc.shape[0])
-    for i in range(len(e) - 2):
-        acc[e[i + 1] :, e[i] : e[i + 1]] = acc[e[i] : e[i + 1], e[i + 1] :].T
-    return acc
+    def result(self) -> torch.Tensor:
+        acc, e = self.acc, self.edges
+        for i in range(len(e) - 2):
+            acc[e[i + 1] :, e[i] : e[i + 1]] = acc[e[i] : e[i + 1], e[i + 1] :].T
+        return acc
 
 
 def _sample_chunks(n: int, per_sample: int, budget: int = 2**19):
@@ -97,7 +98,7 @@ class Kron:
     dimension r (R > 1) treated as batch (expand) or summed / averaged first (reduce)."""
 
     def __init__(self, mode: str):
-        self.mode, self.A, self.B, self.count = mode, None, None, 0
+        self.mode, self.A, self.B, self.count = mode, Gram(), Gram(), 0
 
     def add_inputs(self, a: torch.Tensor) -> None:  # (N, R, A)
         N, R, _ = a.shape
@@ -107,7 +108,7 @@ class Kron:
             a2 = a.mean(1)
         else:
             a2 = a.reshape(N * R, -1)
-        self.A = gram_add(self.A, a2)
+        self.A.add(a2)
         self.count += a2.shape[0]
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:  # (K, N, R, d)
@@ -117,10 +118,10 @@ class Kron:
             g = g.sum(2)
         w = _weights(signs, g.shape)
         g2 = g.reshape(-1, g.shape[-1])
-        self.B = gram_add(self.B, g2 if w is None else (g * w).reshape(g2.shape), g2)
+        self.B.add(g2 if w is None else (g * w).reshape(g2.shape), g2)
 
     def result(self):
-        return mirror(self.B), mirror(self.A), self.count
+        return self.B.result(), self.A.result(), self.count
 
 
 class Diag:
