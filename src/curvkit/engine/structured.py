@@ -72,17 +72,18 @@ def _weights(signs: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor
 
 
 def _per_sample_sq_sum(out, a, g, signs) -> None:
-    """out += Σₙₖ σ Gₙₖ⊙² with Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ: per column, batched GEMMs (aₙᵀ gₙₖ) on
-    strided views (no operand copied), chunked over samples."""
+    """out += Σₙₖ σ Gₙₖ⊙² with Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ: per column, batched GEMMs gₙₖᵀ aₙ over
+    chunks of samples. A convolution's cotangent arrives channels first, so gₙₖᵀ (d, R) is
+    contiguous (measured on the digits CNN: 9.6 ms against 11-28 ms for the transposed
+    product or strided operands)."""
     K, N, R, d = g.shape
-    aT = a.transpose(1, 2)  # (N, A, R)
     for sl in _sample_chunks(N, d * a.shape[-1]):
         for k in range(K):
-            G = torch.bmm(aT[sl], g[k, sl])  # (n, A, d) = Gₙₖᵀ
+            G = torch.bmm(g[k, sl].transpose(1, 2), a[sl])  # (n, d, A)
             G.square_()
             if signs is not None:
                 G.mul_(signs[sl, k][:, None, None])
-            out += G.sum(0).T
+            out += G.sum(0)
 
 
 def _sq_sum_one_position(out, a, g, signs) -> None:
