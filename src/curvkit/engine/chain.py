@@ -1,15 +1,15 @@
 """The fast route of the pairs: backpropagation through a chain of known modules, by hand.
 
 NOTE [chains]. Many models are, from their first factorable layer on, a chain of leaf modules:
-each leaf's input is the previous leaf's output, and the model returns the last one (every
-``nn.Sequential``, and most hand-written MLPs and CNNs). One recorded forward pass (no autograd)
+each leaf's input is the previous leaf's output, and the model returns the last one (an
+``nn.Sequential`` of layers and activation modules, say). One recorded forward pass (no autograd)
 shows whether a batch's computation is such a chain: a leaf's input is the very tensor object the
 previous leaf returned, so any operation between two leaves (a residual sum, ``x.view``, a
 functional activation) breaks it. When every link has a rule below, the factor's K columns are
 backpropagated as plain batched GEMMs and pointwise products — the columns are folded into the
 batch dimension, nothing is recomputed and no graph is kept, about twice as fast as ``vmap``
 over an autograd pullback. Anything else takes the generic route (``pairs.backprop``), which is
-exact for every model; ``tests/test_structured.py`` holds both routes to each other.
+exact for every model; ``tests/test_chain.py`` holds both routes to each other.
 
 Each rule maps the cotangent g (K, N, *out) at a module's output to (K, N, *in) at its input.
 Rules that read a recorded tensor name it, and a chain whose recorded tensor was later changed in
@@ -108,10 +108,11 @@ def _maxpool(c: Call, g: torch.Tensor) -> torch.Tensor:
     return gin.scatter_add_(3, flat, g.reshape(k, n, ch, -1)).view(k, *x.shape)
 
 
-# Rules: type -> (backward, the recorded tensor it reads or None, applicability check).
+# Rules: type -> (backward, the recorded tensor it reads or None, applicability check). Layers
+# "read" their input: the structured reductions take their inputs from the trace.
 _OUT, _IN = "output", "input"
 RULES: dict[type, tuple[Callable, str | None, Callable[[Call], bool]]] = {
-    nn.Linear: (_linear, None, lambda c: True),
+    nn.Linear: (_linear, _IN, lambda c: True),
     nn.ReLU: (_pointwise(lambda m, y: (y > 0).to(y.dtype)), _OUT, lambda c: True),
     nn.Tanh: (_pointwise(lambda m, y: 1 - y * y), _OUT, lambda c: True),
     nn.Sigmoid: (_pointwise(lambda m, y: y * (1 - y)), _OUT, lambda c: True),
@@ -128,7 +129,7 @@ RULES: dict[type, tuple[Callable, str | None, Callable[[Call], bool]]] = {
 for _conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     RULES[_conv_type] = (
         _conv,
-        None,
+        _IN,
         lambda c: (
             c.module.padding_mode == "zeros"
             and not isinstance(c.module.padding, str)
