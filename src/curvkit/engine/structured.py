@@ -46,6 +46,13 @@ class Gram:
         for i in range(len(e) - 1):
             self.acc[e[i] : e[i + 1], e[i] :].addmm_(X[:, e[i] : e[i + 1]].T, Y[:, e[i] :])
 
+    def add_full(self, M: torch.Tensor) -> None:
+        """acc += M, a full symmetric matrix (its lower blocks are overwritten by the mirror)."""
+        if self.acc is None:
+            self.acc = torch.zeros_like(M)
+            self.edges = [0, M.shape[0]]
+        self.acc += M
+
     def result(self) -> torch.Tensor:
         acc, e = self.acc, self.edges
         for i in range(len(e) - 2):
@@ -113,6 +120,15 @@ class Kron:
         self.count += a2.shape[0]
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:  # (K, N, R, d)
+        K, N, R, d = g.shape
+        if R > 1 and self.mode == "expand" and g.stride(-1) != 1 and d <= R:
+            # A convolution's cotangent, channels first: Σ over (k, n) of (d × R)(R × d)
+            # products is about twice as fast as copying it to (positions × channels) rows
+            # (digits CNN, d = 32, R = 36: 0.19 against 0.31 ms per column and batch).
+            x = g.transpose(-1, -2).reshape(K * N, d, R)
+            y = x if signs is None else x * signs.T.reshape(K * N, 1, 1)
+            self.B.add_full(torch.bmm(y, x.transpose(1, 2)).sum(0))
+            return
         if g.shape[2] == 1:
             g = g[:, :, 0]
         elif self.mode == "reduce":
