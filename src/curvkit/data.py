@@ -100,8 +100,10 @@ def _validate(raw: Any, index: int, device: torch.device) -> Batch:
     for t in _tensors(inputs) + [targets]:
         # a finite sum is the common case and one pass; only then is every entry finite, unless
         # the sum itself overflowed, which the exact test below sorts out
-        if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(
-            torch.isfinite(t).all()
+        if (
+            t.is_floating_point()
+            and not bool(torch.isfinite(t.sum()))
+            and not bool(torch.isfinite(t).all())
         ):
             bad = "inputs" if t is not targets else "targets"
             raise CurvkitValueError(

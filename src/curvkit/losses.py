@@ -138,8 +138,8 @@ def _categorical(p: torch.Tensor, gen) -> torch.Tensor:
     """One draw per row of the probabilities p (N, C), by inverting the CDF at a uniform u
     (a few elementwise ops; ``torch.multinomial`` costs ~5× more at these sizes)."""
     u = torch.rand(p.shape[0], 1, dtype=p.dtype, device=p.device, generator=gen)
-    cdf = p.cumsum(-1)
-    return (cdf <= u * cdf[:, -1:]).sum(-1).clamp_(max=p.shape[-1] - 1)  # class c: cdf[c-1] ≤ u·Σ < cdf[c]
+    cdf = p.cumsum(-1)  # class c where cdf[c-1] ≤ u·Σp < cdf[c]: never one of probability 0
+    return (cdf <= u * cdf[:, -1:]).sum(-1).clamp_(max=p.shape[-1] - 1)
 
 
 def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:

@@ -64,9 +64,7 @@ def _conv(c: Call, g: torch.Tensor) -> torch.Tensor:
     out_sp, in_sp = g.shape[3:], x.shape[2:]
     extra = [
         i - ((o - 1) * s - 2 * p + d * (kk - 1) + 1)
-        for i, o, s, p, d, kk in zip(
-            in_sp, out_sp, m.stride, m.padding, m.dilation, m.kernel_size
-        )
+        for i, o, s, p, d, kk in zip(in_sp, out_sp, m.stride, m.padding, m.dilation, m.kernel_size)
     ]
     gin = _CONV_T[x.dim() - 2](
         g.reshape(k * g.shape[1], *g.shape[2:]),

@@ -13,7 +13,6 @@ from ..data import Batch, _map_tensors, pick_output
 from .chain import Trace, backprop_chain
 from .forward import Forward, RuleLayer
 
-
 # Columns backpropagated together on the fast route: the largest cotangent of a chunk stays
 # within this many bytes. Fresh large temporaries are slow (page faults), and per-column GEMMs
 # and convolutions at a batch's size are already efficient (digits CNN, 9 columns: the
