@@ -491,13 +491,22 @@ def test_expand_and_reduce_differ_with_weight_sharing():
 
 
 @pytest.mark.parametrize("mode", KFAC_MODES)
-def test_kfac_over_several_batches_equals_one_concatenated_batch(mode):
-    c = case("sequence_ce")
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "diag", "block"])
+@pytest.mark.parametrize("name", ["sequence_ce", "mlp_ce_mean"])
+def test_structures_over_several_batches_equal_one_concatenated_batch(name, structure, mode):
+    """Accumulators carry state between batches (Gram blocks, per-batch column sums): uneven
+    batches must give exactly the result of one concatenated batch."""
+    if structure not in ("kron", "ekfac") and mode == "reduce":
+        pytest.skip("kfac= only applies to kron / ekfac")
+    c = case(name)
     x, t = c.batches[0]
-    batches = [(x[:1], t[:1]), (x[1:], t[1:])]
-    split = ck.ggn(c.model, c.loss_fn, batches, structure="kron", kfac=mode, progress=False)
-    one = structured("sequence_ce", "ggn", "kron", mode)
-    assert_close(split.to_dense(), one.to_dense(), what=f"sequence_ce {mode} batches")
+    n = x.shape[0]
+    cuts = [0, 1, max(2, n // 2), n]
+    batches = [(x[a:b], t[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
+    extra = {"kfac": mode} if structure in ("kron", "ekfac") else {}
+    split = ck.ggn(c.model, c.loss_fn, batches, structure=structure, progress=False, **extra)
+    one = structured(name, "ggn", structure, mode)
+    assert_close(split.to_dense(), one.to_dense(), what=f"{name} {structure} {mode} batches")
 
 
 # --------------------------------------------------------------------------------------------

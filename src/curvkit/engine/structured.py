@@ -93,14 +93,6 @@ def _per_sample_sq_sum(out, a, g, signs) -> None:
             out += G.sum(0)
 
 
-def _sq_sum_one_position(out, a, g, signs) -> None:
-    """out += Σₙₖ σ gₙₖ⊙² (aₙ⊙²)ᵀ for one position (R = 1): one GEMM."""
-    g2 = g[:, :, 0].square()
-    w = _weights(signs, g2.shape)
-    s = (g2 if w is None else g2 * w).sum(0)  # (N, d)
-    out.addmm_(s.T, a[:, 0].square())
-
-
 class Kron:
     """KFAC factors: B = Σ σ g gᵀ over (k, n[, r]) and A = Σ a aᵀ over (n[, r]), with the shared
     dimension r (R > 1) treated as batch (expand) or summed / averaged first (reduce)."""
@@ -142,24 +134,38 @@ class Kron:
 
 
 class Diag:
-    """Σₙₖ σ Gₙₖ⊙², (d, A), Gₙₖ the per-sample, per-column gradient of the layer."""
+    """Σₙₖ σ Gₙₖ⊙², (d, A), Gₙₖ the per-sample, per-column gradient of the layer.
+
+    With one position (R = 1) Gₙₖ = gₙₖ aₙᵀ, so the sum is (Σₖ σ gₙₖ⊙²)ᵀ (aₙ⊙²): the column
+    sums are gathered over the batch's chunks of columns and meet aₙ⊙² in one GEMM per batch."""
 
     def __init__(self):
-        self.out, self.a = None, None
+        self.out, self.a, self.s = None, None, None
 
     def add_inputs(self, a: torch.Tensor) -> None:
+        self._flush()
         self.a = a
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:
         a = self.a
         if self.out is None:
             self.out = torch.zeros(g.shape[-1], a.shape[-1], dtype=a.dtype, device=a.device)
-        if a.shape[1] == 1:
-            _sq_sum_one_position(self.out, a, g, signs)
-        else:
+        if a.shape[1] > 1:
             _per_sample_sq_sum(self.out, a, g, signs)
+            return
+        if self.s is None:
+            self.s = torch.zeros(g.shape[1], g.shape[-1], dtype=g.dtype, device=g.device)
+        for k in range(g.shape[0]):  # Σₖ σ gₖ⊙², without a (K, N, d) temporary
+            gk = g[k, :, 0]
+            self.s.addcmul_(gk, gk if signs is None else gk * signs[:, k, None])
+
+    def _flush(self) -> None:
+        if self.s is not None:
+            self.out.addmm_(self.s.T, self.a[:, 0].square())
+            self.s = None
 
     def result(self):
+        self._flush()
         return self.out
 
 
@@ -171,7 +177,7 @@ class Ekfac(Diag):
         self.UB, self.UA = UB, UA
 
     def add_inputs(self, a: torch.Tensor) -> None:
-        self.a = a @ self.UA
+        super().add_inputs(a @ self.UA)
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:
         super().add_columns(g @ self.UB, signs)
