@@ -136,7 +136,7 @@ def _patch_view(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     whose entry [n, *p] is the patch output position p sees. Copying it out is im2col for any
     dimension, stride, dilation and padding in one pass, and with channels last its innermost
     runs are contiguous: 0.36 ms for the digits CNN's second layer against 3.1 ms with channels
-    first (or ``F.unfold``). The columns are ordered (*kernel, C), not like ``weight[o]``
+    first and 2.1 ms for ``F.unfold``. The columns are ordered (*kernel, C), not like ``weight[o]``
     (C, *kernel): :meth:`RuleLayer.natural_order` maps them."""
     k, stride, dil = conv.kernel_size, conv.stride, conv.dilation
     if conv.padding == "same":  # torch pads dilation·(k−1) in total, the odd one on the right
