@@ -167,3 +167,41 @@ def test_mse_regression_chain():
     op = ck.ggn(model, nn.MSELoss(reduction="sum"), (x, y), structure="diag")
     ref = ref_ggn(model, mse_sample, 1.0, [(x, y)])
     assert_close(op.diagonal(), ref.diagonal(), what="MSE chain diagonal")
+
+
+@pytest.mark.parametrize("structure", ["diag", "block"])
+def test_indefinite_output_hessians_on_the_fast_route(structure, count_fast):
+    """A non-convex loss: Mₙ is indefinite, its factor carries signs σ, which the reductions
+    must apply (KFAC: ``test_structured.py::conv2d_indefinite`` against its definition)."""
+    model, _, _ = MODELS["cnn_pool"]
+    torch.manual_seed(5)
+    x, t = torch.randn(5, 49, dtype=DT), torch.randn(5, 3, dtype=DT)
+
+    def loss(o, y):  # Σ cos(o − y): output Hessians −diag(cos), of both signs
+        return torch.cos(o - y).sum()
+
+    def sample(o, y):
+        return torch.cos(o - y).sum()
+
+    op = ck.ggn(model, loss, [(x[:2], t[:2]), (x[2:], t[2:])], structure=structure)
+    assert count_fast["n"] > 0
+    ref = ref_ggn(model, sample, 1.0, [(x, t)])
+    if structure == "diag":
+        assert_close(op.diagonal(), ref.diagonal(), what="signed exact diagonal")
+    else:
+        dense = op.to_dense()
+        assert_close(dense, ref * (dense != 0), what="signed blocks")
+
+
+def test_indefinite_kfac_fast_equals_generic(monkeypatch):
+    model, _, _ = MODELS["cnn_pool"]
+    torch.manual_seed(5)
+    x, t = torch.randn(5, 49, dtype=DT), torch.randn(5, 3, dtype=DT)
+
+    def loss(o, y):
+        return torch.cos(o - y).sum()
+
+    fast = ck.ggn(model, loss, (x, t), structure="kron").to_dense()
+    monkeypatch.setattr(Forward, "chain_trace", lambda self, batch: None)
+    generic = ck.ggn(model, loss, (x, t), structure="kron").to_dense()
+    assert_close(fast, generic, what="signed KFAC: fast vs generic route")

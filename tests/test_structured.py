@@ -107,6 +107,21 @@ def _conv_mse_sum(name: str, conv: nn.Module, x: torch.Tensor) -> Case:
     return Case(name, model, nn.MSELoss(reduction="sum"), (x, y), [(x, y)], mse_sample, 1.0)
 
 
+def _cos_sum(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.cos(o - y).sum()
+
+
+def conv2d_indefinite() -> Case:
+    """A non-convex loss Σ cos(f − y): output Hessians −diag(cos) of both signs, so the factor
+    carries signs σ that every reduction must apply."""
+    torch.manual_seed(31)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(4, 2, 4, 4, dtype=DT)
+    model = _finish(nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)))
+    y = torch.randn(4, 3, dtype=DT)
+    return Case("conv2d_indefinite", model, _cos_sum, (x, y), [(x, y)], _cos_sum, 1.0)
+
+
 def conv2d_pad() -> Case:
     torch.manual_seed(27)
     return _conv_mse_sum(
@@ -225,6 +240,7 @@ FACTORIES = {
         conv1d_single_position,
         conv3d_single_position,
         conv2d_pad,
+        conv2d_indefinite,
         conv2d_stride_dilation,
         conv1d_pad,
         conv3d_plain,
@@ -446,6 +462,7 @@ def test_kfac_is_exact_where_the_ggn_factorises(name, structure, mode):
 # --------------------------------------------------------------------------------------------
 DEFINITION_CASES = (
     "conv2d_pad",
+    "conv2d_indefinite",
     "conv2d_stride_dilation",
     "conv1d_pad",
     "conv3d_plain",
