@@ -109,6 +109,21 @@ def test_top_eigenvalues_nearly_degenerate():
     _check_eigenvectors(A, vals, V, 1e-8)
 
 
+def test_stopping_bound_holds_with_a_cluster_below_the_kth_eigenvalue():
+    """W-spectral's shape: nine well separated values, then the 10th with two neighbours within
+    3% below it and a dense bulk. Over many start vectors, every returned value must be within
+    its promised tol of the true one."""
+    top = torch.tensor([1.394, 1.313, 1.297, 1.207, 1.196, 1.138, 1.125, 1.082, 0.991], dtype=DT)
+    cluster = torch.tensor([0.3873, 0.3787, 0.3756], dtype=DT)
+    lam = torch.cat([top, cluster, torch.linspace(0.37, 0.0, 288, dtype=DT) ** 2 / 0.37])
+    A = _with_spectrum(lam, seed=11)
+    expected = lam.sort(descending=True).values[:10]
+    for seed in range(12):
+        vals = ck.top_eigenvalues(A, k=10, tol=1e-4, generator=_gen(seed))
+        rel = ((vals - expected).abs() / expected).max().item()
+        assert rel <= 1e-4, f"seed {seed}: relative error {rel:.2e} > tol"
+
+
 def test_top_eigenvalues_of_a_matrix_free_hessian():
     c = mlp_case()
     op = ck.hessian(c.model, c.loss_fn, c.data, structure="operator")

@@ -88,8 +88,11 @@ def top_eigenvalues(
     """The ``k`` largest (algebraic) eigenvalues of a symmetric operator, descending.
 
     Lanczos with full reorthogonalisation. Each returned θᵢ satisfies |θᵢ − λ| ≤ errᵢ for an
-    eigenvalue λ, with errᵢ = min(rᵢ, rᵢ²/gapᵢ) from the Ritz residual rᵢ (Parlett), and the
-    iteration stops once errᵢ ≤ tol·|θᵢ| for all k — no iteration count to tune. Structured
+    eigenvalue λ, with errᵢ = min(rᵢ, rᵢ²/gapᵢ) from the Ritz residual rᵢ (Parlett) and gapᵢ
+    the distance to the nearest other Ritz value θⱼ less its residual rⱼ (the eigenvalue θⱼ
+    stands for may lie that much closer); the iteration stops once errᵢ ≤ tol·|θᵢ| for all k —
+    no iteration count to tune. (Like every Krylov method it cannot see an eigenvalue whose
+    eigenvector the start vector misses; a random start makes that improbable.) Structured
     operators (KFAC, diagonal, blocks, low-rank) answer exactly from their structure instead.
 
     >>> import torch, curvkit as ck
@@ -118,8 +121,8 @@ def top_eigenvalues(
         theta, S = theta.flip(0), S.flip(1)
         r = (beta[m - 1] * S[m - 1, :]).abs()
         gaps = torch.full_like(theta, math.inf)
-        if m > 1:
-            d = (theta[:, None] - theta[None, :]).abs()
+        if m > 1:  # another Ritz value θⱼ only places an eigenvalue within rⱼ of itself
+            d = ((theta[:, None] - theta[None, :]).abs() - r[None, :]).clamp_min(0)
             d.fill_diagonal_(math.inf)
             gaps = d.min(1).values
         err = torch.minimum(r, r.square() / gaps)
