@@ -146,24 +146,29 @@ def reference_curvkit(w64: Workload, max_iter: int) -> tuple[torch.Tensor, int, 
     return lam.double(), H.columns, time.perf_counter() - t0
 
 
+def curvlinops_hessian(w: Workload, dtype):
+    """curvlinops' Hessian of the workload's mean loss as a scipy operator of ``dtype``."""
+    from curvlinops import HessianLinearOperator
+
+    params = [p for p in w.model.parameters() if p.requires_grad]
+    return HessianLinearOperator(
+        w.model,
+        w.loss_fn,
+        params,
+        [(w.X, w.y)],
+        progressbar=False,
+        check_deterministic=False,
+        num_data=N_TRAIN,
+    ).to_scipy(dtype=dtype)
+
+
 def reference_eigsh(w64: Workload) -> tuple[torch.Tensor, int, float, str]:
     """eigsh (ARPACK) at tol=1e-10 on a float64 operator: curvlinops' if it imports."""
     import numpy as np
     from scipy.sparse.linalg import eigsh
 
     try:
-        from curvlinops import HessianLinearOperator
-
-        params = [p for p in w64.model.parameters() if p.requires_grad]
-        op = HessianLinearOperator(
-            w64.model,
-            w64.loss_fn,
-            params,
-            [(w64.X, w64.y)],
-            progressbar=False,
-            check_deterministic=False,
-            num_data=N_TRAIN,
-        ).to_scipy(dtype=np.float64)
+        op = curvlinops_hessian(w64, np.float64)
         source = "curvlinops `HessianLinearOperator` (float64) + eigsh"
     except Exception as exc:
         H = ck.hessian(w64.model, w64.loss_fn, (w64.X, w64.y), structure="operator", progress=False)
@@ -322,8 +327,8 @@ def pyhessian_rows(w: Workload) -> list[Row]:
 
 def curvlinops_rows(w: Workload) -> list[Row]:
     try:
+        import curvlinops  # noqa: F401
         import numpy as np
-        from curvlinops import HessianLinearOperator
         from scipy.sparse.linalg import eigsh
     except Exception as exc:
         why = f"not importable ({type(exc).__name__}: {exc})"
@@ -331,16 +336,7 @@ def curvlinops_rows(w: Workload) -> list[Row]:
     wc = w.copy()
 
     def run(seed: int):
-        params = [p for p in wc.model.parameters() if p.requires_grad]
-        op = HessianLinearOperator(
-            wc.model,
-            wc.loss_fn,
-            params,
-            [(wc.X, wc.y)],
-            progressbar=False,
-            check_deterministic=False,
-            num_data=N_TRAIN,
-        ).to_scipy(dtype=np.float32)
+        op = curvlinops_hessian(wc, np.float32)
         op, count = counting_scipy(op)
         v0 = np.random.default_rng(seed).standard_normal(op.shape[0]).astype(np.float32)
         vals = eigsh(op, k=K, which="LA", tol=1e-4, v0=v0, return_eigenvectors=False)
