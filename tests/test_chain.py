@@ -169,23 +169,24 @@ def test_mse_regression_chain():
     assert_close(op.diagonal(), ref.diagonal(), what="MSE chain diagonal")
 
 
+def _cos_loss(o, y):  # Σ cos(o − y): output Hessians −diag(cos), of both signs
+    return torch.cos(o - y).sum()
+
+
+def _indefinite_data():
+    torch.manual_seed(5)
+    return torch.randn(5, 49, dtype=DT), torch.randn(5, 3, dtype=DT)
+
+
 @pytest.mark.parametrize("structure", ["diag", "block"])
 def test_indefinite_output_hessians_on_the_fast_route(structure, count_fast):
     """A non-convex loss: Mₙ is indefinite, its factor carries signs σ, which the reductions
     must apply (KFAC: ``test_structured.py::conv2d_indefinite`` against its definition)."""
     model, _, _ = MODELS["cnn_pool"]
-    torch.manual_seed(5)
-    x, t = torch.randn(5, 49, dtype=DT), torch.randn(5, 3, dtype=DT)
-
-    def loss(o, y):  # Σ cos(o − y): output Hessians −diag(cos), of both signs
-        return torch.cos(o - y).sum()
-
-    def sample(o, y):
-        return torch.cos(o - y).sum()
-
-    op = ck.ggn(model, loss, [(x[:2], t[:2]), (x[2:], t[2:])], structure=structure)
+    x, t = _indefinite_data()
+    op = ck.ggn(model, _cos_loss, [(x[:2], t[:2]), (x[2:], t[2:])], structure=structure)
     assert count_fast["n"] > 0
-    ref = ref_ggn(model, sample, 1.0, [(x, t)])
+    ref = ref_ggn(model, _cos_loss, 1.0, [(x, t)])
     if structure == "diag":
         assert_close(op.diagonal(), ref.diagonal(), what="signed exact diagonal")
     else:
@@ -195,13 +196,8 @@ def test_indefinite_output_hessians_on_the_fast_route(structure, count_fast):
 
 def test_indefinite_kfac_fast_equals_generic(monkeypatch):
     model, _, _ = MODELS["cnn_pool"]
-    torch.manual_seed(5)
-    x, t = torch.randn(5, 49, dtype=DT), torch.randn(5, 3, dtype=DT)
-
-    def loss(o, y):
-        return torch.cos(o - y).sum()
-
-    fast = ck.ggn(model, loss, (x, t), structure="kron").to_dense()
+    x, t = _indefinite_data()
+    fast = ck.ggn(model, _cos_loss, (x, t), structure="kron").to_dense()
     monkeypatch.setattr(Forward, "chain_trace", lambda self, batch: None)
-    generic = ck.ggn(model, loss, (x, t), structure="kron").to_dense()
+    generic = ck.ggn(model, _cos_loss, (x, t), structure="kron").to_dense()
     assert_close(fast, generic, what="signed KFAC: fast vs generic route")
