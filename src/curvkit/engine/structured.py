@@ -81,8 +81,8 @@ def _weights(signs: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor
 def _per_sample_sq_sum(out, a, g, signs) -> None:
     """out += Σₙₖ σ Gₙₖ⊙² with Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ: per column, batched GEMMs gₙₖᵀ aₙ over
     chunks of samples. A convolution's cotangent arrives channels first, so gₙₖᵀ (d, R) is
-    contiguous (measured on the digits CNN: 9.6 ms against 11-28 ms for the transposed
-    product or strided operands)."""
+    contiguous (measured on the digits CNN's second layer, 9 columns of a batch: 9.6 ms
+    against 11.4 ms with strided operands)."""
     K, N, R, d = g.shape
     for sl in _sample_chunks(N, d * a.shape[-1]):
         for k in range(K):
