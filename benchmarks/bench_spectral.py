@@ -105,6 +105,9 @@ class Counting(ck.LinearOperator):
         self.columns += V.shape[1]
         return self.op._matmat(V)
 
+    def _start_direction(self):  # the wrapped operator's default start, unchanged
+        return self.op._start_direction()
+
 
 def counting_scipy(op):
     """A SciPy LinearOperator around ``op`` that counts its products (columns)."""

@@ -41,6 +41,17 @@ class CurvatureOperator(LinearOperator):
         )
         return self.problem.dense()
 
+    def gradient(self) -> torch.Tensor:
+        """(P,): the gradient of the same loss over the same data, in the same coordinates."""
+        return self.problem.gradient()
+
+    def _start_direction(self) -> torch.Tensor | None:
+        # The loss gradient lies mostly in the Hessian's top eigenspace (Gur-Ari et al., 2018):
+        # Lanczos started from it (plus a random part) needs fewer products. Measured on the
+        # W-spectral MLP: 28 products to 1e-4 against 32–44 from random starts; neutral (±2)
+        # on a trained MLP, a CNN and the GGN, so only the Hessian uses it.
+        return self.gradient() if self.problem.kind == "hessian" else None
+
     def diagonal(self) -> torch.Tensor:
         if self.problem.kind == "hessian":
             return self.problem.hessian_diagonal()

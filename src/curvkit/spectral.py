@@ -68,6 +68,30 @@ def _lanczos(op: LinearOperator, v0: torch.Tensor, steps: int, on_step=None):
     return Q, alpha, beta
 
 
+def _start_vector(op: LinearOperator, generator: torch.Generator | None) -> torch.Tensor:
+    v = torch.randn(op.shape[0], generator=generator, dtype=op.dtype).to(op.device)
+    hint = op._start_direction()
+    if hint is not None:
+        norm = hint.norm()
+        if bool(torch.isfinite(norm)) and norm > 0:  # a zero gradient (a minimum) adds nothing
+            v = v / v.norm() + hint / norm
+    return v
+
+
+def _checked_start(v0, op: LinearOperator) -> torch.Tensor:
+    n = op.shape[0]
+    if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
+        got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
+        raise CurvkitValueError(f"v0 must be a tensor of shape ({n},), got {got}.")
+    v0 = v0.to(dtype=op.dtype, device=op.device)
+    norm = v0.norm()
+    if not (bool(torch.isfinite(norm)) and norm > 0):
+        raise CurvkitValueError(
+            "v0 must be a finite, nonzero vector; pass v0=None for a random start."
+        )
+    return v0
+
+
 def _tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     T = torch.diag(alpha)
     if alpha.numel() > 1:
@@ -84,6 +108,7 @@ def top_eigenvalues(
     max_iter: int | None = None,
     eigenvectors: bool = False,
     generator: torch.Generator | None = None,
+    v0: torch.Tensor | None = None,
 ):
     """The ``k`` largest (algebraic) eigenvalues of a symmetric operator, descending.
 
@@ -94,6 +119,10 @@ def top_eigenvalues(
     no iteration count to tune. (Like every Krylov method it cannot see an eigenvalue whose
     eigenvector the start vector misses; a random start makes that improbable.) Structured
     operators (KFAC, diagonal, blocks, low-rank) answer exactly from their structure instead.
+
+    The start vector ``v0`` defaults to a random vector (from ``generator``) plus, for a Hessian
+    operator from ``ck.hessian``, the loss gradient at equal norm: the gradient lies mostly in
+    the top eigenspace (Gur-Ari et al., 2018), and the random part keeps every direction in.
 
     >>> import torch, curvkit as ck
     >>> A = torch.diag(torch.arange(1., 101.))
@@ -110,7 +139,7 @@ def top_eigenvalues(
         vals, vecs = op.top_eigenpairs(k)
         return (vals, vecs) if eigenvectors else vals
     max_iter = min(n, max_iter or max(4 * k + 60, 300))
-    v0 = torch.randn(n, generator=generator, dtype=op.dtype).to(op.device)
+    v0 = _start_vector(op, generator) if v0 is None else _checked_start(v0, op)
     state: dict = {}
 
     def converged(Q, alpha, beta):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from torch.func import grad
 from tqdm.auto import tqdm
 
 from ..autodiff import is_forward_ad_error, translate
@@ -22,6 +23,7 @@ from ..memory import work_budget
 from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
+from .hvp import chain_hessian_product
 from .products import cached_hessian_product
 
 
@@ -184,6 +186,38 @@ class Problem:
 
         return out.mul_(self._run("diagonal" if diag_only else "dense", body))
 
+    def _check_once(self, batch: Batch, side: Callable) -> None:
+        """The Hessian needs no Mₙ; its targets are still checked, once per batch."""
+        if batch.index not in self._checked:
+            side(self.forward.output(batch))
+            self._checked.add(batch.index)
+
+    def _kept_graph(self, batch: Batch) -> tuple[Callable, torch.Tensor]:
+        """One batch, many products (Lanczos, trace estimates): its graph is kept."""
+        if self._cached_product is None:
+            self._cached_product = chain_hessian_product(
+                self.forward, batch
+            ) or cached_hessian_product(self.forward, batch)
+        return self._cached_product
+
+    def gradient(self) -> torch.Tensor:
+        """(P,): the gradient of the loss over the data, scaled like the curvature."""
+        out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
+        names = self.forward.layout.names
+
+        def loss_of(params: dict, batch: Batch) -> torch.Tensor:
+            return self.forward.loss.sum_loss(self.forward.output(batch, params), batch.targets)
+
+        def body(batch, side, chunks):
+            self._check_once(batch, side)
+            if self.kind == "hessian" and self.source.single:
+                out.add_(self._kept_graph(batch)[1])  # free with the kept graph
+                return
+            g = grad(loss_of)(self.forward.params, batch)
+            out.add_(torch.cat([g[n].reshape(-1) for n in names]))
+
+        return out.mul_(self._run("gradient", body, lazy=True))
+
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """(P, k) -> (P, k): the curvature applied to V, matrix-free."""
 
@@ -194,14 +228,10 @@ class Problem:
                 M = None
                 if self.kind != "hessian":
                     M = side(self.forward.output(batch))
-                elif batch.index not in self._checked:  # the Hessian needs no M: check once
-                    side(self.forward.output(batch))
-                    self._checked.add(batch.index)
+                else:
+                    self._check_once(batch, side)
                 if self.kind == "hessian" and self.source.single:
-                    # One batch, many products (Lanczos, trace estimates): keep its graph.
-                    if self._cached_product is None:
-                        self._cached_product = cached_hessian_product(self.forward, batch)
-                    out.add_(self._cached_product(V))
+                    out.add_(self._kept_graph(batch)[0](V))
                     return
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], self.forward_ad)
                 out.add_(prod(V))

@@ -70,21 +70,28 @@ def gauss_newton_product(
     return prod
 
 
-def cached_hessian_product(fw: Forward, batch: Batch) -> Callable:
-    """H V by reverse-over-reverse on a graph built once: the forward pass and the first
-    backward pass (with ``create_graph``) are kept, so each product is one more backward pass.
+def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor]:
+    """(H V by reverse-over-reverse on a graph built once, the flat gradient Σₙ ∇ℓₙ (P,)).
 
-    For repeated products on one batch (Lanczos, trace estimation) this costs about half of a
-    fresh forward-over-reverse product; it holds the batch's graph in memory meanwhile."""
+    The forward pass and the first backward pass (with ``create_graph``) are kept, so each
+    product is one more backward pass. For repeated products on one batch (Lanczos, trace
+    estimation) this costs about half of a fresh forward-over-reverse product; it holds the
+    batch's graph in memory meanwhile. The gradient comes free with the graph."""
     names = fw.layout.names
     leaves = [fw.params[n].detach().requires_grad_() for n in names]
     with torch.enable_grad():
         out = fw.output(batch, dict(zip(names, leaves)))
         loss = fw.loss.sum_loss(out, batch.targets)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        gradient = torch.cat(
+            [
+                torch.zeros_like(t).reshape(-1) if g is None else g.detach().reshape(-1)
+                for t, g in zip(leaves, grads)
+            ]
+        )
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not used:  # the loss is linear in every parameter: H = 0
-            return lambda V: torch.zeros_like(V)
+            return (lambda V: torch.zeros_like(V)), gradient
         flat_g = torch.cat([grads[i].reshape(-1) for i in used])
     sizes = [leaves[i].numel() for i in used]
     offsets = [fw.layout.offsets[i] for i in used]
@@ -108,4 +115,4 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> Callable:
         G = gather(V)
         return torch.stack([column(G[:, j]) for j in range(V.shape[1])], dim=1)
 
-    return prod
+    return prod, gradient

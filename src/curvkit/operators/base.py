@@ -44,6 +44,10 @@ class LinearOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self @ v
 
+    def _start_direction(self) -> torch.Tensor | None:
+        """A vector likely rich in the top eigenvectors, for Krylov starts; None if unknown."""
+        return None
+
     def __mul__(self, alpha: float) -> LinearOperator:
         return ScaledOperator(self, float(alpha))
 
@@ -127,6 +131,9 @@ class ScaledOperator(LinearOperator):
 
     def _matmat(self, V):
         return self.alpha * self.op._matmat(V)
+
+    def _start_direction(self):
+        return self.op._start_direction() if self.alpha > 0 else None
 
     def to_dense(self):
         return self.alpha * self.op.to_dense()

@@ -1,0 +1,214 @@
+"""Hessian products through a chain of Linear layers and pointwise functions, by hand.
+
+For a batch whose model is a chain (NOTE [chains] in ``chain.py``) of ``Linear`` layers on
+(N, features) tensors and pointwise activations, and whose chosen parameters all belong to
+those layers, H v is Pearlmutter's R-operator applied to the backward pass. Everything that does
+not depend on v is computed once: the recorded forward pass, the loss's per-sample output
+gradients and Hessians Mₙ, the cotangent δ at every module's output, σ' and δ ⊙ σ'' of every
+activation, and the gradient itself. Per product (one column v):
+
+    forward   ż = ȧ Wᵀ + a V_Wᵀ + V_b             (Linear, a its input, ȧ the input's tangent)
+              ȧ' = σ' ⊙ ż                         (activation)
+    output    δ̇ = Mₙ ż                            (per sample)
+    backward  H_W = δ̇ᵀ a + δᵀ ȧ,  H_b = Σₙ δ̇,  δ̇_in = δ̇ W + δ V_W      (Linear)
+              δ̇_in = σ' ⊙ δ̇ + (δ ⊙ σ'') ⊙ ż                             (activation)
+
+The same six GEMMs per layer as autograd's double backward on a kept graph, but every result
+is written into a buffer made once (H_W straight into the output vector), small GEMMs are not
+split, and the pointwise work is one fused product per activation. Fresh N×width temporaries
+fault in new pages on every product on these machines, which is most of the difference (see
+``docs/architecture.md``, "Performance notes"). Any other model returns None and the caller
+keeps the graph (``products.cached_hessian_product``), which is exact for every model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..data import Batch
+from ..errors import CurvkitValueError
+from .chain import Call, chain_of
+from .forward import Forward
+
+# activation -> (σ'(z), σ''(z)) in terms of its output y = σ(z); None for σ'' = 0 a.e.
+_ACTIVATIONS: dict[type, Callable] = {
+    nn.Tanh: lambda m, y: (1 - y * y, -2 * y * (1 - y * y)),
+    nn.Sigmoid: lambda m, y: (y * (1 - y), y * (1 - y) * (1 - 2 * y)),
+    nn.ReLU: lambda m, y: ((y > 0).to(y.dtype), None),
+    nn.LeakyReLU: lambda m, y: (torch.where(y > 0, 1.0, m.negative_slope).to(y.dtype), None),
+}
+_NO_OPS = (nn.Identity, nn.Dropout, nn.Flatten)  # on (N, features) tensors: the identity
+
+
+class _Linear:
+    def __init__(self, call: Call, w: slice | None, b: slice | None):
+        self.W, self.a, self.w, self.b = call.module.weight.detach(), call.input, w, b
+        self.dot: torch.Tensor | None = None  # ż, buffer (N, out)
+        self.delta: torch.Tensor | None = None  # δ at the output (N, out)
+        self.a_dot: torch.Tensor | None = None  # ȧ: the previous stage's tangent, or None
+
+
+class _Pointwise:
+    def __init__(self, call: Call, d1: torch.Tensor, d2: torch.Tensor | None):
+        self.d1, self.d2 = d1, d2  # σ', then δ ⊙ σ'' once δ is known
+        self.dot: torch.Tensor | None = None  # ȧ' = σ' ⊙ ż, buffer
+        self.z_dot: torch.Tensor | None = None  # ż: the previous stage's tangent
+
+
+def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor] | None:
+    """(``prod(V) -> (P, k)`` the unscaled H V of the batch, the flat gradient Σₙ ∇ℓₙ), or
+    None where the route does not apply (module docstring)."""
+    trace = fw.chain_trace(batch)
+    out = None if trace is None else trace.out
+    if out is None or out.dim() != 2 or not out.is_floating_point():
+        return None
+    layout = fw.layout
+    first = next(
+        (c for c in trace.calls if type(c.module) is nn.Linear and _chosen(layout, c.module)),
+        None,
+    )
+    calls = None if first is None else chain_of(trace, first.module)
+    if calls is None:
+        return None
+    stages: list = []
+    seen: set[int] = set()
+    for c in calls:
+        m = c.module
+        if c.input.dim() != 2 or c.output.dim() != 2:
+            return None
+        if type(m) is nn.Linear:
+            if id(m.weight) in seen:
+                return None  # a layer called twice: its Hessian blocks couple across calls
+            seen.add(id(m.weight))
+            stages.append(_Linear(c, *_slices(layout, m)))
+        elif type(m) in _ACTIVATIONS:
+            stages.append(_Pointwise(c, *_ACTIVATIONS[type(m)](m, c.output)))
+        elif not isinstance(m, _NO_OPS):
+            return None
+    covered = sum(
+        (s.w.stop - s.w.start if s.w else 0) + (s.b.stop - s.b.start if s.b else 0)
+        for s in stages
+        if isinstance(s, _Linear)
+    )
+    if covered != layout.numel:
+        return None  # a chosen parameter outside the chain's Linear layers
+    product = _ChainHessian(fw, batch, stages, out)
+    return product, product.gradient
+
+
+def _chosen(layout, m: nn.Linear) -> bool:
+    return layout.index_of(m.weight) is not None or (
+        m.bias is not None and layout.index_of(m.bias) is not None
+    )
+
+
+def _slices(layout, m: nn.Linear) -> tuple[slice | None, slice | None]:
+    def where(p):
+        i = None if p is None else layout.index_of(p)
+        if i is None:
+            return None
+        o = layout.offsets[i]
+        return slice(o, o + p.numel())
+
+    return where(m.weight), where(m.bias)
+
+
+class _ChainHessian:
+    @torch.no_grad()
+    def __init__(self, fw: Forward, batch: Batch, stages: list, out: torch.Tensor):
+        self.stages, self.P = stages, fw.layout.numel
+        self.M = fw.loss.output_hessian(out, batch.targets)  # (N, C, C)
+        # The recorded tensors this product reads, with their versions now: a later in-place
+        # change (an optimiser step, an edited batch) makes the products stale.
+        self._watch = [
+            (t, t._version) for s in stages if isinstance(s, _Linear) for t in (s.W, s.a)
+        ]
+        new = lambda n: torch.empty(out.shape[0], n, dtype=out.dtype, device=out.device)  # noqa: E731
+        tangent = None
+        for s in stages:  # tangent buffers, forward order
+            if isinstance(s, _Linear):
+                s.a_dot, s.dot = tangent, new(s.W.shape[0])
+            else:  # the chain starts at a Linear layer: activations always get a tangent
+                s.z_dot, s.dot = tangent, new(tangent.shape[1])
+            tangent = s.dot
+        self.out_dot = tangent
+        self.gradient = torch.zeros(self.P, dtype=out.dtype, device=out.device)
+        delta = fw.loss.per_sample_grads(out, batch.targets).reshape(out.shape)
+        self.back: list[torch.Tensor | None] = []  # δ̇ buffers at each stage's input
+        for s in reversed(stages):  # first-order backward: δ everywhere, once
+            if isinstance(s, _Linear):
+                s.delta = delta
+                if s.w is not None:
+                    self.gradient[s.w].view_as(s.W).copy_(delta.T @ s.a)
+                if s.b is not None:
+                    self.gradient[s.b] = delta.sum(0)
+                delta = delta @ s.W
+            else:
+                if s.d2 is not None:
+                    s.d2 = s.d2.mul_(delta)  # δ ⊙ σ''
+                delta = delta * s.d1
+            self.back.append(None if s is stages[0] else new(delta.shape[1]))
+
+    def _check_unchanged(self) -> None:
+        if any(t._version != v for t, v in self._watch):
+            raise CurvkitValueError(
+                "the model's parameters or the batch changed in place after this Hessian "
+                "operator was built (an optimiser step?); build a new operator with ck.hessian."
+            )
+
+    @torch.no_grad()
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        self._check_unchanged()
+        if V.shape[1] == 1 and V.is_contiguous():
+            out = torch.empty_like(V)
+            self._column(V[:, 0], out[:, 0])
+            return out
+        out = torch.empty_like(V)
+        col = torch.empty(self.P, dtype=V.dtype, device=V.device)
+        for j in range(V.shape[1]):
+            self._column(V[:, j].contiguous(), col)
+            out[:, j] = col
+        return out
+
+    def _column(self, v: torch.Tensor, hv: torch.Tensor) -> None:
+        """hv (P,) = H v, every intermediate in a buffer."""
+        for s in self.stages:  # tangents forward
+            if isinstance(s, _Linear):
+                vw = None if s.w is None else v[s.w].view_as(s.W)
+                if vw is not None:
+                    torch.mm(s.a, vw.T, out=s.dot)
+                    if s.a_dot is not None:
+                        s.dot.addmm_(s.a_dot, s.W.T)
+                elif s.a_dot is not None:
+                    torch.mm(s.a_dot, s.W.T, out=s.dot)
+                else:
+                    s.dot.zero_()
+                if s.b is not None:
+                    s.dot.add_(v[s.b])
+            else:
+                torch.mul(s.z_dot, s.d1, out=s.dot)
+        dd = torch.bmm(self.M, self.out_dot[:, :, None])[:, :, 0]  # δ̇ = Mₙ ż
+        for s, buf in zip(reversed(self.stages), self.back):  # cotangents backward
+            if isinstance(s, _Linear):
+                if s.w is not None:
+                    hw = hv[s.w].view_as(s.W)
+                    torch.mm(dd.T, s.a, out=hw)
+                    if s.a_dot is not None:
+                        hw.addmm_(s.delta.T, s.a_dot)
+                if s.b is not None:
+                    torch.sum(dd, 0, out=hv[s.b])
+                if buf is None:
+                    continue
+                torch.mm(dd, s.W, out=buf)
+                if s.w is not None:
+                    buf.addmm_(s.delta, v[s.w].view_as(s.W))
+            else:
+                if buf is None:
+                    continue
+                torch.mul(dd, s.d1, out=buf)
+                if s.d2 is not None:
+                    buf.addcmul_(s.d2, s.z_dot)
+            dd = buf

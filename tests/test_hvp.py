@@ -1,0 +1,175 @@
+"""Hessian products on one batch: the hand R-operator through chains (``engine/hvp.py``) and the
+kept autograd graph for everything else, both against the dense float64 ``torch.func`` Hessian;
+the operator's gradient; and the start vector ``top_eigenvalues`` takes from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import DT
+from helpers import assert_close, ref_hessian, total_loss_fn
+from torch import nn
+from torch.func import grad
+
+import curvkit as ck
+from curvkit.engine.hvp import _ChainHessian
+
+
+class Sum(nn.Module):  # a residual connection: not a chain
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) + x)
+
+
+class Twice(nn.Module):  # one layer called twice: its Hessian blocks couple across the calls
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.a(torch.tanh(self.a(x))))
+
+
+def _labels(n: int, c: int) -> torch.Tensor:
+    return torch.randint(0, c, (n,))
+
+
+def _cases():
+    """name -> (model, (x, y), loss, params or None, takes the chain route)."""
+    torch.manual_seed(0)
+    out = {}
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    out["tanh_ce_mean"] = (mlp, (torch.randn(9, 4), _labels(9, 3)), nn.CrossEntropyLoss(), None, 1)
+    mixed = nn.Sequential(
+        nn.Flatten(),  # before the first layer: not part of the chain
+        nn.Linear(6, 5),
+        nn.Sigmoid(),
+        nn.Dropout(0.4),  # eval mode: the identity
+        nn.Linear(5, 4, bias=False),
+        nn.LeakyReLU(0.2),
+        nn.Identity(),
+        nn.Linear(4, 2),
+    )
+    out["mixed_mse_sum"] = (
+        mixed,
+        (torch.randn(7, 2, 3), torch.randn(7, 2)),
+        nn.MSELoss(reduction="sum"),
+        None,
+        1,
+    )
+    relu = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
+    out["relu_bce_logits"] = (
+        relu,
+        (torch.randn(8, 3), torch.randint(0, 2, (8, 1)).float()),
+        nn.BCEWithLogitsLoss(),
+        None,
+        1,
+    )
+    sub = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Sigmoid(), nn.Linear(5, 3))
+    out["param_subset"] = (  # a bias alone, then a weight alone; the last layer frozen
+        sub,
+        (torch.randn(6, 4), _labels(6, 3)),
+        nn.CrossEntropyLoss(reduction="sum"),
+        [sub[0].bias, sub[2].weight],
+        1,
+    )
+    frozen = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    frozen[0].requires_grad_(False)
+    ce = nn.CrossEntropyLoss()
+    out["frozen_first"] = (frozen, (torch.randn(6, 4), _labels(6, 3)), ce, None, 1)
+    out["residual"] = (Sum(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
+    out["layer_twice"] = (Twice(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
+    out["conv"] = (
+        nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
+        (torch.randn(5, 1, 10), _labels(5, 3)),
+        nn.CrossEntropyLoss(),
+        None,
+        0,
+    )
+    out["custom_loss"] = (  # indefinite output Hessians, from autograd (no closed form)
+        nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)),
+        (torch.randn(6, 4), torch.randn(6, 2)),
+        lambda o, y: torch.cos(o - y).sum(),
+        None,
+        1,
+    )
+    out["sequence"] = (  # (N, T, features) activations: left to the graph
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+        (torch.randn(5, 3, 3), torch.randn(5, 3, 2)),
+        nn.MSELoss(),
+        None,
+        0,
+    )
+    return {
+        k: (m.to(DT).eval(), tuple(t.to(DT) if t.is_floating_point() else t for t in d), *rest)
+        for k, (m, d, *rest) in out.items()
+    }
+
+
+CASES = _cases()
+
+
+def _loss_total(loss):
+    return loss if not isinstance(loss, nn.Module) else (lambda o, y: loss(o, y))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hessian_products_and_route(name):
+    model, (x, y), loss, params, chain = CASES[name]
+    H = ck.hessian(model, loss, (x, y), params=params, structure="operator")
+    V = torch.randn(H.shape[0], 3, dtype=DT)
+    ref = ref_hessian(model, _loss_total(loss), [(x, y)], params)
+    assert_close(H @ V, ref @ V, what=f"{name}: H @ V")
+    assert_close(H @ V[:, 1], ref @ V[:, 1], what=f"{name}: H @ v")
+    took = isinstance(H.problem._cached_product[0], _ChainHessian)
+    assert took == bool(chain), f"{name}: chain route taken: {took}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradient(name):
+    model, (x, y), loss, params, _ = CASES[name]
+    total, theta0 = total_loss_fn(model, _loss_total(loss), [(x, y)], params)
+    want = grad(total)(theta0)
+    for kind in (ck.hessian, ck.ggn):  # kept graph (or chain route) and the plain pass
+        got = kind(model, loss, (x, y), params=params, structure="operator").gradient()
+        assert_close(got, want, what=f"{name}: {kind.__name__} operator's gradient")
+
+
+def test_gradient_over_batches_of_a_mean_loss():
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    total, theta0 = total_loss_fn(model, _loss_total(loss), [(x, y)])
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    got = ck.hessian(model, loss, batches, structure="operator").gradient()
+    assert_close(got, grad(total)(theta0), what="gradient of a mean over two batches")
+
+
+def test_a_changed_parameter_makes_the_kept_products_fail_loudly():
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    model = __import__("copy").deepcopy(model)
+    H = ck.hessian(model, loss, (x, y), structure="operator")
+    v = torch.randn(H.shape[0], dtype=DT)
+    H @ v
+    with torch.no_grad():
+        model[2].weight.mul_(2)  # an optimiser step, say
+    with pytest.raises(ck.CurvkitValueError, match="changed in place"):
+        H @ v
+
+
+def test_lanczos_starts_from_the_gradient_for_the_hessian_only():
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    H = ck.hessian(model, loss, (x, y), structure="operator")
+    assert_close(H._start_direction(), H.gradient(), what="Hessian start direction")
+    assert ck.ggn(model, loss, (x, y), structure="operator")._start_direction() is None
+    assert (2.0 * H)._start_direction() is not None and (-1.0 * H)._start_direction() is None
+
+
+def test_top_eigenvalues_takes_a_start_vector():
+    A = torch.diag(torch.arange(1.0, 41.0, dtype=DT))
+    v0 = torch.ones(40, dtype=DT)
+    assert_close(ck.top_eigenvalues(A, k=3, tol=1e-10, v0=v0), [40.0, 39.0, 38.0], what="v0")
+    for bad, msg in [(torch.ones(39), r"shape \(40,\)"), (torch.zeros(40), "nonzero")]:
+        with pytest.raises(ck.CurvkitValueError, match=msg):
+            ck.top_eigenvalues(A, k=3, v0=bad)
