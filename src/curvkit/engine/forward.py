@@ -190,6 +190,7 @@ class Forward:
         self.params = {n: t.detach() for n, t in zip(layout.names, layout.tensors)}
         self._probe_cache: dict = {}
         self._chains: dict[tuple, bool] = {}  # input shapes -> whether the fast route applies
+        self.scratch: dict = {}  # buffers the chain route reuses across chunks and batches
         owners = _owners(model)
         self._candidates: list[RuleLayer] = []
         for mod in model.modules():

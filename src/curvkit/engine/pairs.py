@@ -33,7 +33,7 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Tr
         F, signs = side(trace.out)
         inputs = {id(c.module): c.input for c in calls}
         acts = [l.acts(inputs[id(l.module)]) for l in layers]
-        return acts, F, signs, _chain_parts(calls, layers, F, trace.out)
+        return acts, F, signs, _chain_parts(calls, layers, F, trace.out, fw.scratch)
     f = fw.perturbed(batch, layers)
     ref = fw.layout.tensors[0]
     eps0 = [
@@ -50,8 +50,8 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Tr
     return acts, F, signs, iter([(slice(0, F.shape[2]), grads)])
 
 
-def _chain_parts(calls, layers: list[RuleLayer], F: torch.Tensor, out: torch.Tensor):
-    cots = _cotangents(F, out)
+def _chain_parts(calls, layers: list[RuleLayer], F: torch.Tensor, out: torch.Tensor, scratch):
+    cots = _cotangents(F, out).contiguous()  # small; contiguous columns make plain GEMMs
     K = cots.shape[0]
     widest = max(c.output.numel() for c in calls) * cots.element_size()
     parts = -(-K // max(1, CHUNK_BYTES // widest))  # as few chunks as fit, of even sizes
@@ -59,7 +59,7 @@ def _chain_parts(calls, layers: list[RuleLayer], F: torch.Tensor, out: torch.Ten
     wanted = {id(l.module) for l in layers}
     for start in range(0, K, step):
         cols = slice(start, min(K, start + step))
-        got = backprop_chain(calls, wanted, cots[cols])
+        got = backprop_chain(calls, wanted, cots[cols], scratch)
         yield cols, [l.positions_last(l.own_channels(got[id(l.module)])) for l in layers]
 
 
