@@ -46,6 +46,7 @@ _NO_OPS = (nn.Identity, nn.Dropout, nn.Flatten)  # on (N, features) tensors: the
 class _Linear:
     def __init__(self, call: Call, w: slice | None, b: slice | None):
         self.W, self.a, self.w, self.b = call.module.weight.detach(), call.input, w, b
+        self.bias = call.module.bias  # watched only: the recorded pass already used it
         self.dot: torch.Tensor | None = None  # ż, buffer (N, out)
         self.delta: torch.Tensor | None = None  # δ at the output (N, out)
         self.a_dot: torch.Tensor | None = None  # ȧ: the previous stage's tangent, or None
@@ -63,7 +64,7 @@ def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Te
     None where the route does not apply (module docstring)."""
     trace = fw.chain_trace(batch)
     out = None if trace is None else trace.out
-    if out is None or out.dim() != 2 or not out.is_floating_point():
+    if out is None or out.dim() != 2 or out.dtype != fw.layout.tensors[0].dtype:
         return None
     layout = fw.layout
     first = next(
@@ -124,7 +125,11 @@ class _ChainHessian:
         # The recorded tensors this product reads, with their versions now: a later in-place
         # change (an optimiser step, an edited batch) makes the products stale.
         self._watch = [
-            (t, t._version) for s in stages if isinstance(s, _Linear) for t in (s.W, s.a)
+            (t, t._version)
+            for s in stages
+            if isinstance(s, _Linear)
+            for t in (s.W, s.bias, s.a)
+            if t is not None
         ]
         new = lambda n: torch.empty(out.shape[0], n, dtype=out.dtype, device=out.device)  # noqa: E731
         tangent = None
