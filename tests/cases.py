@@ -23,6 +23,17 @@ from torch.utils.data import DataLoader, TensorDataset
 DT = torch.float64
 
 
+class Residual(nn.Module):
+    """A residual connection: not a chain (NOTE [chains] in ``engine/chain.py``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) + x)
+
+
 @dataclass
 class Case:
     name: str

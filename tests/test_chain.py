@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import DT, ce_sample, mse_sample
+from cases import DT, Residual, ce_sample, mse_sample
 from helpers import assert_close, ref_ggn
 from torch import nn
 
@@ -23,15 +23,6 @@ from curvkit.engine.forward import Forward
 def _ce_data(x: torch.Tensor, classes: int, batches: int = 2):
     t = torch.randint(0, classes, (x.shape[0],))
     return [(xb, tb) for xb, tb in zip(x.chunk(batches), t.chunk(batches))]
-
-
-class Sum(nn.Module):  # a residual connection: not a chain
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)) + x)
 
 
 class Functional(nn.Module):  # a functional activation between two layers: not a chain
@@ -107,7 +98,7 @@ def _models():
         _ce_data(torch.randn(6, 5, 3, dtype=DT), 3),
         True,
     )
-    out["residual"] = (Sum(), _ce_data(torch.randn(6, 4, dtype=DT), 3), False)
+    out["residual"] = (Residual(), _ce_data(torch.randn(6, 4, dtype=DT), 3), False)
     out["functional"] = (Functional(), _ce_data(torch.randn(6, 4, dtype=DT), 3), False)
     return {k: (m.to(DT).eval(), d, fast) for k, (m, d, fast) in out.items()}
 

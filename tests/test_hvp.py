@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import DT
+from cases import DT, Residual
 from helpers import assert_close, ref_hessian, total_loss_fn
 from torch import nn
 from torch.func import grad
 
 import curvkit as ck
 from curvkit.engine.hvp import _ChainHessian
-
-
-class Sum(nn.Module):  # a residual connection: not a chain
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)) + x)
 
 
 class Twice(nn.Module):  # one layer called twice: its Hessian blocks couple across the calls
@@ -80,7 +71,7 @@ def _cases():
     frozen[0].requires_grad_(False)
     ce = nn.CrossEntropyLoss()
     out["frozen_first"] = (frozen, (torch.randn(6, 4), _labels(6, 3)), ce, None, 1)
-    out["residual"] = (Sum(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
+    out["residual"] = (Residual(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
     out["layer_twice"] = (Twice(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
     out["conv"] = (
         nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
