@@ -73,6 +73,12 @@ def _cases():
     out["frozen_first"] = (frozen, (torch.randn(6, 4), _labels(6, 3)), ce, None, 1)
     out["residual"] = (Residual(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
     out["layer_twice"] = (Twice(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    tied[2].weight = tied[0].weight  # one parameter, two layers
+    out["tied_weight"] = (tied, (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
+    emb = nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))
+    emb[2].weight = emb[0].weight  # tied with a module before the chain starts
+    out["tied_embedding"] = (emb, (torch.randint(0, 5, (7,)), _labels(7, 5)), ce, None, 0)
     out["conv"] = (
         nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
         (torch.randn(5, 1, 10), _labels(5, 3)),

@@ -48,7 +48,7 @@ class CurvatureOperator(LinearOperator):
     def _start_direction(self) -> torch.Tensor | None:
         # The loss gradient lies mostly in the Hessian's top eigenspace (Gur-Ari et al., 2018):
         # Lanczos started from it (plus a random part) needs fewer products. Measured on the
-        # W-spectral MLP: 28 products to 1e-4 against 32–44 from random starts; neutral (±2)
+        # W-spectral MLP: 28 products to 1e-4 against 32–44 from random starts; neutral (±3)
         # on a trained MLP, a CNN and the GGN, so only the Hessian uses it.
         return self.gradient() if self.problem.kind == "hessian" else None
 
