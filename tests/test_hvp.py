@@ -121,7 +121,7 @@ def test_hessian_products_and_route(name):
     ref = ref_hessian(model, _loss_total(loss), [(x, y)], params)
     assert_close(H @ V, ref @ V, what=f"{name}: H @ V")
     assert_close(H @ V[:, 1], ref @ V[:, 1], what=f"{name}: H @ v")
-    took = isinstance(H.problem._cached_product[0], _ChainHessian)
+    took = isinstance(H.problem._kept[0][0], _ChainHessian)
     assert took == bool(chain), f"{name}: chain route taken: {took}"
 
 
@@ -133,6 +133,26 @@ def test_gradient(name):
     for kind in (ck.hessian, ck.ggn):  # kept graph (or chain route) and the plain pass
         got = kind(model, loss, (x, y), params=params, structure="operator").gradient()
         assert_close(got, want, what=f"{name}: {kind.__name__} operator's gradient")
+
+
+@pytest.mark.parametrize("name", ["tanh_ce_mean", "residual"])
+def test_products_over_batches_keep_each_batch(name):
+    """Several batches: each keeps its own state (chain route or graph), a tight memory limit
+    keeps none (fresh products), and all give the Hessian of the whole data."""
+    model, (x, y), loss, params, chain = CASES[name]
+    batches = [(x[:2], y[:2]), (x[2:5], y[2:5]), (x[5:], y[5:])]
+    ref = ref_hessian(model, _loss_total(loss), [(x, y)], params)
+    V = torch.randn(ref.shape[0], 2, dtype=DT)
+    H = ck.hessian(model, loss, batches, params=params, structure="operator")
+    assert_close(H @ V, ref @ V, what=f"{name}: H @ V over batches, kept")
+    assert_close(H @ V, ref @ V, what=f"{name}: H @ V over batches, kept (second pass)")
+    kept = H.problem._kept
+    assert sorted(kept) == [0, 1, 2] and all(k is not None for k in kept.values())
+    assert all(isinstance(k[0], _ChainHessian) == bool(chain) for k in kept.values())
+    tight = ck.hessian(model, loss, batches, structure="operator")
+    tight.problem._budget = 0  # no room to keep anything (the floor is 16 MB otherwise)
+    assert_close(tight @ V, ref @ V, what=f"{name}: H @ V over batches, nothing kept")
+    assert all(k is None for k in tight.problem._kept.values())
 
 
 def test_gradient_over_batches_of_a_mean_loss():

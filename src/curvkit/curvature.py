@@ -17,9 +17,10 @@ class CurvatureOperator(LinearOperator):
     ``C @ V`` passes over the data once (one batched product per batch); ``diagonal()`` and
     ``to_dense()`` use the engine's exact reductions, not P products. The MC Fisher draws its
     samples once, on the first pass, and reuses them, so the operator is a fixed matrix (iterate
-    the data in a fixed order). For a single batch the Hessian operator keeps its autograd graph
-    after the first product. The operator reads the model's parameters in place: update them
-    (an optimiser step) and build a new operator.
+    the data in a fixed order). The Hessian operator keeps, per batch and within the memory
+    budget, what its products need (an autograd graph, or for chains of Linear layers and
+    activations the R-operator's inputs) after the first product. The operator reads the
+    model's parameters in place: update them (an optimiser step) and build a new operator.
     """
 
     def __init__(self, problem: Problem, name: str):

@@ -71,7 +71,8 @@ class Problem:
         self._fisher_cache: dict[int, torch.Tensor] = {}
         self.forward_ad = True  # set False once an op without forward-mode AD is met
         self._checked: set[int] = set()  # batches whose targets were checked against the loss
-        self._cached_product = None  # Hessian product on a kept graph (single-batch data only)
+        self._kept: dict[int, tuple | None] = {}  # batch index -> kept Hessian product, gradient
+        self._kept_bytes = 0
         self._budget: int | None = None
 
     @property
@@ -192,13 +193,27 @@ class Problem:
             side(self.forward.output(batch))
             self._checked.add(batch.index)
 
-    def _kept_graph(self, batch: Batch) -> tuple[Callable, torch.Tensor]:
-        """One batch, many products (Lanczos, trace estimates): its graph is kept."""
-        if self._cached_product is None:
-            self._cached_product = chain_hessian_product(
-                self.forward, batch
-            ) or cached_hessian_product(self.forward, batch)
-        return self._cached_product
+    def _kept_product(self, batch: Batch) -> tuple[Callable, torch.Tensor] | None:
+        """(H V of the batch, its gradient) from state kept across products (Lanczos and trace
+        estimates call many), or None once the kept state would pass the work budget.
+
+        Kept per batch index from the first pass: H is a sum over all samples, so a loader that
+        reshuffles still gives the same matrix. A chain of Linear layers and activations keeps
+        what its R-operator needs (``hvp.py``), any other model its autograd graph."""
+        i = batch.index
+        if i not in self._kept:
+            if self._budget is None:
+                self._budget = work_budget(self.device, self.memory_limit)
+            item = torch.empty((), dtype=self.dtype).element_size()
+            size = max(self.forward.activation_numel(batch), 1) * item * 6  # as in _chunks
+            if self._kept_bytes + size > self._budget:
+                self._kept[i] = None
+            else:
+                self._kept_bytes += size
+                self._kept[i] = chain_hessian_product(
+                    self.forward, batch
+                ) or cached_hessian_product(self.forward, batch)
+        return self._kept[i]
 
     def gradient(self) -> torch.Tensor:
         """(P,): the gradient of the loss over the data, scaled like the curvature."""
@@ -210,8 +225,9 @@ class Problem:
 
         def body(batch, side, chunks):
             self._check_once(batch, side)
-            if self.kind == "hessian" and self.source.single:
-                out.add_(self._kept_graph(batch)[1])  # free with the kept graph
+            kept = self._kept_product(batch) if self.kind == "hessian" else None
+            if kept is not None:
+                out.add_(kept[1])  # free with the kept state
                 return
             g = grad(loss_of)(self.forward.params, batch)
             out.add_(torch.cat([g[n].reshape(-1) for n in names]))
@@ -230,8 +246,9 @@ class Problem:
                     M = side(self.forward.output(batch))
                 else:
                     self._check_once(batch, side)
-                if self.kind == "hessian" and self.source.single:
-                    out.add_(self._kept_graph(batch)[0](V))
+                kept = self._kept_product(batch) if self.kind == "hessian" else None
+                if kept is not None:
+                    out.add_(kept[0](V))
                     return
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], self.forward_ad)
                 out.add_(prod(V))
