@@ -89,6 +89,13 @@ def test_top_eigenvectors(kind):
     _check_eigenvectors(A, vals, V, 1e-8)
 
 
+def test_top_eigenvalue_alone_is_not_stopped_by_a_missing_gap():
+    """k=1: after one product the single Ritz value has no neighbour; its bound is the
+    residual, not r²/∞ = 0 (which returned the start vector's Rayleigh quotient)."""
+    A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+    assert_close(ck.top_eigenvalues(A, k=1, tol=1e-8, generator=_gen()), [100.0], what="k=1")
+
+
 def test_top_eigenvalues_nearly_degenerate():
     """lam = [10, 10 - 1e-6, 9.9, ...]: both members of the close pair must be returned, not the
     first one twice or one and then 9.9."""

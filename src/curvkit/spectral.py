@@ -154,6 +154,7 @@ def top_eigenvalues(
             d = ((theta[:, None] - theta[None, :]).abs() - r[None, :]).clamp_min(0)
             d.fill_diagonal_(math.inf)
             gaps = d.min(1).values
+        gaps[m - 1] = 0  # nothing is known below the lowest Ritz value: its bound is r alone
         err = torch.minimum(r, r.square() / gaps)
         state.update(theta=theta, S=S, err=err)
         return bool((err[:k] <= tol * theta[:k].abs()).all())
