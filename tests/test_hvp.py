@@ -24,6 +24,26 @@ class Twice(nn.Module):  # one layer called twice: its Hessian blocks couple acr
         return self.b(self.a(torch.tanh(self.a(x))))
 
 
+class InPlaceBetween(nn.Module):  # an in-place op between two modules: not a chain
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch.nn.functional.relu(h, inplace=True)
+        return self.b(h)
+
+
+class TiedAutoencoder(nn.Module):  # the decoder's weight also used outside its module
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.dec(torch.tanh(x @ self.dec.weight))
+
+
 def _labels(n: int, c: int) -> torch.Tensor:
     return torch.randint(0, c, (n,))
 
@@ -79,6 +99,21 @@ def _cases():
     emb = nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 5))
     emb[2].weight = emb[0].weight  # tied with a module before the chain starts
     out["tied_embedding"] = (emb, (torch.randint(0, 5, (7,)), _labels(7, 5)), ce, None, 0)
+    out["in_place_between"] = (InPlaceBetween(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 0)
+    out["functional_reuse"] = (
+        TiedAutoencoder(),
+        (torch.randn(6, 4), torch.randn(6, 4)),
+        nn.MSELoss(),
+        None,
+        0,
+    )
+    out["many_classes"] = (  # N·C² beyond the activations: keep the graph, not Mₙ
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 40)),
+        (torch.randn(5, 3), _labels(5, 40)),
+        ce,
+        None,
+        0,
+    )
     out["conv"] = (
         nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
         (torch.randn(5, 1, 10), _labels(5, 3)),
@@ -125,6 +160,26 @@ def test_hessian_products_and_route(name):
     assert took == bool(chain), f"{name}: chain route taken: {took}"
 
 
+@pytest.mark.parametrize("name", ["in_place_between", "functional_reuse", "tied_embedding"])
+def test_dense_hessian_sees_every_use_of_a_parameter(name):
+    """The dense engine's per-layer rules see a weight only through its module; a parameter
+    also used elsewhere, or an in-place change between modules, must leave them."""
+    model, (x, y), loss, params, _ = CASES[name]
+    got = ck.hessian(model, loss, (x, y), params=params)
+    assert_close(got, ref_hessian(model, _loss_total(loss), [(x, y)], params), what=name)
+
+
+def test_leaky_relu_slope_kept_in_float64():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(0.2), nn.Linear(5, 2)).to(DT)
+    x, y = torch.randn(7, 3, dtype=DT), torch.randn(7, 2, dtype=DT)
+    loss = nn.MSELoss(reduction="sum")
+    H = ck.hessian(model, loss, (x, y), structure="operator")
+    V = torch.randn(H.shape[0], 2, dtype=DT)
+    ref = ref_hessian(model, _loss_total(loss), [(x, y)])
+    assert_close(H @ V, ref @ V, rtol=1e-13, what="LeakyReLU(0.2) H @ V")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradient(name):
     model, (x, y), loss, params, _ = CASES[name]
@@ -155,6 +210,40 @@ def test_products_over_batches_keep_each_batch(name):
     assert all(k is None for k in tight.problem._kept.values())
 
 
+class Reshuffled:
+    """A loader that splits the data differently on every pass."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.passes = x, y, 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.passes))
+        x, y = self.x[order], self.y[order]
+        return iter([(x[:4], y[:4]), (x[4:8], y[4:8])])
+
+
+def test_kept_state_is_all_batches_or_none():
+    """If only some batches fit the budget, a reshuffling loader would mix batches of the first
+    pass with later ones: nothing is kept then, and every pass gives the same matrix."""
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    x, y = x[:8], y[:8]
+    ref = ref_hessian(model, _loss_total(loss), [(x, y)])
+    one = ck.hessian(model, loss, (x[:4], y[:4]), structure="operator")
+    one @ torch.randn(one.shape[0], dtype=DT)
+    H = ck.hessian(model, loss, Reshuffled(x, y), structure="operator")
+    H.problem._budget = one.problem._kept_bytes + 1  # room for one batch, not two
+    for _ in range(3):
+        v = torch.randn(H.shape[0], dtype=DT)
+        assert_close(H @ v, ref @ v, what="reshuffled loader, budget for one batch")
+    assert H.problem._kept == {} and H.problem._keep_none
+    full = ck.hessian(model, loss, Reshuffled(x, y), structure="operator")  # room for all
+    for _ in range(3):
+        v = torch.randn(H.shape[0], dtype=DT)
+        assert_close(full @ v, ref @ v, what="reshuffled loader, all batches kept")
+    assert sorted(full.problem._kept) == [0, 1]
+
+
 def test_gradient_over_batches_of_a_mean_loss():
     model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
     total, theta0 = total_loss_fn(model, _loss_total(loss), [(x, y)])
@@ -163,14 +252,15 @@ def test_gradient_over_batches_of_a_mean_loss():
     assert_close(got, grad(total)(theta0), what="gradient of a mean over two batches")
 
 
-def test_a_changed_parameter_makes_the_kept_products_fail_loudly():
-    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+@pytest.mark.parametrize("name", ["tanh_ce_mean", "residual"])  # chain route, kept graph
+def test_a_changed_parameter_makes_the_kept_products_fail_loudly(name):
+    model, (x, y), loss, _, _ = CASES[name]
     model = __import__("copy").deepcopy(model)
-    H = ck.hessian(model, loss, (x, y), structure="operator")
+    H = ck.hessian(model, loss, [(x[:3], y[:3]), (x[3:], y[3:])], structure="operator")
     v = torch.randn(H.shape[0], dtype=DT)
     H @ v
     with torch.no_grad():
-        model[0].bias.add_(1)  # an optimiser step, say
+        next(iter(model.parameters())).add_(1)  # an optimiser step, say
     with pytest.raises(ck.CurvkitValueError, match="changed in place"):
         H @ v
 

@@ -38,6 +38,7 @@ class Call:
     output: torch.Tensor | None
     single: bool  # called with exactly one positional tensor and no keyword arguments
     versions: tuple[int, int]  # ``_version`` of input and output right after the call
+    input_version: int = -1  # ``_version`` of the input right before the call
     derivative: torch.Tensor | None = None  # a pointwise module's, once computed
 
     def unchanged(self, which: str) -> bool:
@@ -108,6 +109,12 @@ def _maxpool(c: Call, g: torch.Tensor) -> torch.Tensor:
     return gin.scatter_add_(3, flat, g.reshape(k, n, ch, -1)).view(k, *x.shape)
 
 
+def _leaky(m: nn.LeakyReLU, y: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU's derivative in y's dtype (Python-float ``where`` operands round the slope to
+    float32)."""
+    return torch.where(y > 0, y.new_ones(()), y.new_full((), m.negative_slope))
+
+
 # Rules: type -> (backward, the recorded tensor it reads or None, applicability check). Layers
 # "read" their input: the structured reductions take their inputs from the trace.
 _OUT, _IN = "output", "input"
@@ -117,7 +124,7 @@ RULES: dict[type, tuple[Callable, str | None, Callable[[Call], bool]]] = {
     nn.Tanh: (_pointwise(lambda m, y: 1 - y * y), _OUT, lambda c: True),
     nn.Sigmoid: (_pointwise(lambda m, y: y * (1 - y)), _OUT, lambda c: True),
     nn.LeakyReLU: (
-        _pointwise(lambda m, y: torch.where(y > 0, 1.0, m.negative_slope).to(y.dtype)),
+        _pointwise(lambda m, y: _leaky(m, y)),
         _OUT,
         lambda c: c.module.negative_slope > 0,
     ),
@@ -157,6 +164,8 @@ def chain_of(trace: Trace, first: nn.Module) -> list[Call] | None:
         rule = RULES.get(type(c.module))
         if rule is None or not c.single or c.input is not prev.output or c.output is None:
             return None
+        if c.input_version != prev.versions[1]:
+            return None  # changed in place between the two calls (``F.relu(h, inplace=True)``)
         _, reads, applies = rule
         if not applies(c) or (reads is not None and not c.unchanged(reads)):
             return None

@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from ..data import Batch, _tensors, call_model, pick_output
 from ..errors import CurvkitValueError
@@ -182,6 +184,23 @@ def _candidate(mod: nn.Module) -> tuple[int, int] | None:
 MAX_VOCAB = 4096  # one-hot inputs and a dense (vocab × vocab) factor beyond that cost too much
 
 
+class _Escapes(TorchFunctionMode):
+    """Collects the ids in ``tracked`` of tensors passed to a torch function while no leaf
+    module is running (``depth`` is kept by the recording hooks)."""
+
+    def __init__(self, tracked: set[int]):
+        super().__init__()
+        self.tracked, self.depth, self.found = tracked, 0, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0:
+            for a in tree_flatten((args, kwargs))[0]:
+                if isinstance(a, torch.Tensor) and id(a) in self.tracked:
+                    self.found.add(id(a))
+        return func(*args, **kwargs)
+
+
 class Forward:
     """Calls the model functionally and knows which layers take the ε trick."""
 
@@ -229,9 +248,11 @@ class Forward:
     def rule_layers(self, batch: Batch, structured: bool = False) -> list[RuleLayer]:
         """Layers with a rule on this batch, each called once on batched input. Dense blocks
         need Linear layers on (N, in) inputs; structured reductions take any positions."""
-        calls, _ = self._probe(batch)
+        calls, _, escaped = self._probe(batch)
         keep = []
         for c in self._candidates:
+            if any(id(p) in escaped for p in (c.module.weight, getattr(c.module, "bias", None))):
+                continue  # used outside the module too: the generic path sees every use
             shapes = calls.get(id(c.module), [])
             if len(shapes) != 1:
                 continue
@@ -250,7 +271,7 @@ class Forward:
         return keep
 
     def output_shapes(self, batch: Batch, layers: list[RuleLayer]) -> list[tuple[int, ...]]:
-        calls, _ = self._probe(batch)
+        calls = self._probe(batch)[0]
         return [l.eps_shape(calls[id(l.module)][0][1]) for l in layers]
 
     def activation_numel(self, batch: Batch) -> int:
@@ -275,26 +296,41 @@ class Forward:
         """One forward pass without autograd, every leaf module's calls recorded in order
         (see NOTE [chains] in chain.py); it also serves as the batch's probe."""
         calls: list[Call] = []
+        key = self._key(batch)
+        probing = key not in self._probe_cache
+        # Probing also watches for chosen parameters used outside their own module's call
+        # (``x @ layer.weight`` in a parent's forward): rules that see a parameter only
+        # through its module would miss that use, so such layers take the generic path.
+        escapes = _Escapes({id(t) for t in self.layout.tensors}) if probing else None
+        before: list[int] = []
+
+        def pre_hook(mod, args, kwargs):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            before.append(-1 if x is None else x._version)
+            if escapes is not None:
+                escapes.depth += 1
 
         def hook(mod, args, kwargs, out):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             y = out if isinstance(out, torch.Tensor) else None
             versions = (-1 if x is None else x._version, -1 if y is None else y._version)
             single = x is not None and len(args) == 1 and not kwargs
-            calls.append(Call(mod, x, y, single, versions))
+            calls.append(Call(mod, x, y, single, versions, before.pop()))
+            if escapes is not None:
+                escapes.depth -= 1
 
         leaves = [m for m in self.model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in leaves]
+        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in leaves]
+        handles += [m.register_forward_hook(hook, with_kwargs=True) for m in leaves]
         try:
-            with torch.no_grad():  # the module's own parameters: the same values, no swapping
+            with torch.no_grad(), escapes or nullcontext():  # the module's own parameters
                 out = pick_output(call_model(self.model, batch.inputs), self.output_fn)
         finally:
             for h in handles:
                 h.remove()
         if out.dim() == 0 or out.shape[0] != batch.size:
             raise_output_mismatch(out, batch)
-        key = self._key(batch)
-        if key in self._probe_cache:  # the chain route records every batch; probe once
+        if not probing:  # the chain route records every batch; probe once
             batch.probe = self._probe_cache[key]
             return Trace(calls, out)
         shapes: dict[int, list] = defaultdict(list)
@@ -305,8 +341,13 @@ class Forward:
                 (tuple(c.input.shape), tuple(c.output.shape)) if ok else ((), ())
             )
             numel += 0 if c.output is None else c.output.numel()
-        batch.probe = self._probe_cache[key] = (dict(shapes), numel)
+        batch.probe = self._probe_cache[key] = (dict(shapes), numel, frozenset(escapes.found))
         return Trace(calls, out)
+
+    def escaped(self, batch: Batch) -> frozenset[int]:
+        """ids of chosen parameters that this batch's forward pass uses outside their own
+        module's call (see :meth:`record`)."""
+        return self._probe(batch)[2]
 
     # -- chains ----------------------------------------------------------------------------------
     def chain_trace(self, batch: Batch) -> Trace | None:

@@ -29,16 +29,16 @@ import torch
 from torch import nn
 
 from ..data import Batch
-from ..errors import CurvkitValueError
-from .chain import Call, chain_of
+from .chain import Call, _leaky, chain_of
 from .forward import Forward, _owners
+from .products import check_unchanged, watch
 
 # activation -> (σ'(z), σ''(z)) in terms of its output y = σ(z); None for σ'' = 0 a.e.
 _ACTIVATIONS: dict[type, Callable] = {
     nn.Tanh: lambda m, y: (1 - y * y, -2 * y * (1 - y * y)),
     nn.Sigmoid: lambda m, y: (y * (1 - y), y * (1 - y) * (1 - 2 * y)),
     nn.ReLU: lambda m, y: ((y > 0).to(y.dtype), None),
-    nn.LeakyReLU: lambda m, y: (torch.where(y > 0, 1.0, m.negative_slope).to(y.dtype), None),
+    nn.LeakyReLU: lambda m, y: (_leaky(m, y), None),
 }
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Flatten)  # on (N, features) tensors: the identity
 
@@ -66,6 +66,10 @@ def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Te
     out = None if trace is None else trace.out
     if out is None or out.dim() != 2 or out.dtype != fw.layout.tensors[0].dtype:
         return None
+    if fw.escaped(batch):
+        return None  # a chosen parameter is also used outside its module's call
+    if out.shape[0] * out.shape[1] ** 2 > 4 * fw.activation_numel(batch):
+        return None  # the output Hessians Mₙ would outweigh the kept graph: keep that
     layout = fw.layout
     first = next(
         (c for c in trace.calls if type(c.module) is nn.Linear and _chosen(layout, c.module)),
@@ -126,13 +130,7 @@ class _ChainHessian:
         self.M = fw.loss.output_hessian(out, batch.targets)  # (N, C, C)
         # The recorded tensors this product reads, with their versions now: a later in-place
         # change (an optimiser step, an edited batch) makes the products stale.
-        self._watch = [
-            (t, t._version)
-            for s in stages
-            if isinstance(s, _Linear)
-            for t in (s.W, s.bias, s.a)
-            if t is not None
-        ]
+        self._watch = watch(t for s in stages if isinstance(s, _Linear) for t in (s.W, s.bias, s.a))
         new = lambda n: torch.empty(out.shape[0], n, dtype=out.dtype, device=out.device)  # noqa: E731
         tangent = None
         for s in stages:  # tangent buffers, forward order
@@ -159,16 +157,17 @@ class _ChainHessian:
                 delta = delta * s.d1
             self.back.append(None if s is stages[0] else new(delta.shape[1]))
 
-    def _check_unchanged(self) -> None:
-        if any(t._version != v for t, v in self._watch):
-            raise CurvkitValueError(
-                "the model's parameters or the batch changed in place after this Hessian "
-                "operator was built (an optimiser step?); build a new operator with ck.hessian."
-            )
+    @property
+    def nbytes(self) -> int:
+        """Memory this product keeps (the recorded inputs, δ, σ′, δ⊙σ″, Mₙ and buffers)."""
+        held = [self.M, self.gradient, *self.back]
+        for s in self.stages:
+            held += [s.a, s.delta, s.dot] if isinstance(s, _Linear) else [s.d1, s.d2, s.dot]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     @torch.no_grad()
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
-        self._check_unchanged()
+        check_unchanged(self._watch)
         if V.shape[1] == 1 and V.is_contiguous():
             out = torch.empty_like(V)
             self._column(V[:, 0], out[:, 0])

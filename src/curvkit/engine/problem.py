@@ -71,8 +71,8 @@ class Problem:
         self._fisher_cache: dict[int, torch.Tensor] = {}
         self.forward_ad = True  # set False once an op without forward-mode AD is met
         self._checked: set[int] = set()  # batches whose targets were checked against the loss
-        self._kept: dict[int, tuple | None] = {}  # batch index -> kept Hessian product, gradient
-        self._kept_bytes = 0
+        self._kept: dict[int, tuple] = {}  # batch index -> kept Hessian product, gradient
+        self._kept_bytes, self._keep_none = 0, False
         self._budget: int | None = None
 
     @property
@@ -195,25 +195,34 @@ class Problem:
 
     def _kept_product(self, batch: Batch) -> tuple[Callable, torch.Tensor] | None:
         """(H V of the batch, its gradient) from state kept across products (Lanczos and trace
-        estimates call many), or None once the kept state would pass the work budget.
+        estimates call many), or None once the kept state of all batches would pass the work
+        budget (then nothing is kept).
 
         Kept per batch index from the first pass: H is a sum over all samples, so a loader that
         reshuffles still gives the same matrix. A chain of Linear layers and activations keeps
         what its R-operator needs (``hvp.py``), any other model its autograd graph."""
         i = batch.index
-        if i not in self._kept:
-            if self._budget is None:
-                self._budget = work_budget(self.device, self.memory_limit)
-            item = torch.empty((), dtype=self.dtype).element_size()
-            size = max(self.forward.activation_numel(batch), 1) * item * 6  # as in _chunks
-            if self._kept_bytes + size > self._budget:
-                self._kept[i] = None
-            else:
-                self._kept_bytes += size
-                self._kept[i] = chain_hessian_product(
-                    self.forward, batch
-                ) or cached_hessian_product(self.forward, batch)
-        return self._kept[i]
+        if self._keep_none or i in self._kept:
+            return None if self._keep_none else self._kept[i]
+        if self._budget is None:
+            self._budget = work_budget(self.device, self.memory_limit)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        size = max(self.forward.activation_numel(batch), 1) * item * 6  # as in _chunks
+        kept = None
+        if self._kept_bytes + size <= self._budget:
+            kept = chain_hessian_product(self.forward, batch) or cached_hessian_product(
+                self.forward, batch
+            )
+            size = getattr(kept[0], "nbytes", size)  # the chain route knows its own
+        if kept is None or self._kept_bytes + size > self._budget:
+            # All batches or none: a loader that reshuffles would otherwise mix the kept
+            # batches of the first pass with fresh ones of later passes.
+            self._kept.clear()
+            self._keep_none = True
+            return None
+        self._kept_bytes += size
+        self._kept[i] = kept
+        return kept
 
     def gradient(self) -> torch.Tensor:
         """(P,): the gradient of the loss over the data, scaled like the curvature."""
