@@ -4,12 +4,15 @@ NOTE [chains]. Many models are, from their first factorable layer on, a chain of
 each leaf's input is the previous leaf's output, and the model returns the last one (an
 ``nn.Sequential`` of layers and activation modules, say). One recorded forward pass (no autograd)
 shows whether a batch's computation is such a chain: a leaf's input is the very tensor object the
-previous leaf returned, so any operation between two leaves (a residual sum, ``x.view``, a
-functional activation) breaks it. When every link has a rule below, the factor's K columns are
-backpropagated as plain batched GEMMs and pointwise products — the columns are folded into the
-batch dimension, nothing is recomputed and no graph is kept, about twice as fast as ``vmap``
-over an autograd pullback. Anything else takes the generic route (``pairs.backprop``), which is
-exact for every model; ``tests/test_chain.py`` holds both routes to each other.
+previous leaf returned, unchanged since, so any operation between two leaves (a residual sum,
+``x.view``, a functional activation, an in-place ``F.relu(h, inplace=True)``) breaks it. A
+chosen parameter that the forward pass also uses outside its module (``x @ layer.weight``) takes
+its layer off every per-layer rule (``Forward.record`` watches for that while probing). When
+every link has a rule below, the factor's K columns are backpropagated as plain batched GEMMs
+and pointwise products — the columns are folded into the batch dimension, nothing is recomputed
+and no graph is kept, about twice as fast as ``vmap`` over an autograd pullback. Anything else
+takes the generic route (``pairs.backprop``), which is exact for every model;
+``tests/test_chain.py`` holds both routes to each other.
 
 Each rule maps the cotangent g (K, N, *out) at a module's output to (K, N, *in) at its input.
 Rules that read a recorded tensor name it, and a chain whose recorded tensor was later changed in
