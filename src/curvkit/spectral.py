@@ -57,6 +57,13 @@ def _lanczos(op: LinearOperator, v0: torch.Tensor, steps: int, on_step=None):
         Q[j] = q
         w = op @ q
         alpha[j] = q @ w
+        # The three-term recurrence first removes w's large components along q_j and q_{j-1};
+        # the full pass then only meets rounding-level ones, so it rarely needs a second sweep
+        # over the basis (W-spectral's top 10: 33 against 41 ms of orthogonalisation per call,
+        # interleaved A/B; the whole call is ~0.45 s).
+        w.sub_(q, alpha=float(alpha[j]))
+        if j:
+            w.sub_(Q[j - 1], alpha=float(beta[j - 1]))
         w = _orthogonalize(w, Q[: j + 1])
         beta[j] = w.norm()
         m = j + 1
