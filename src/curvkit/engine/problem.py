@@ -12,7 +12,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch.func import grad
 from tqdm.auto import tqdm
 
 from ..autodiff import is_forward_ad_error, translate
@@ -24,7 +23,7 @@ from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
 from .hvp import chain_hessian_product
-from .products import cached_hessian_product
+from .products import batch_gradient, cached_hessian_product
 
 
 class _Lazy:
@@ -227,19 +226,11 @@ class Problem:
     def gradient(self) -> torch.Tensor:
         """(P,): the gradient of the loss over the data, scaled like the curvature."""
         out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
-        names = self.forward.layout.names
-
-        def loss_of(params: dict, batch: Batch) -> torch.Tensor:
-            return self.forward.loss.sum_loss(self.forward.output(batch, params), batch.targets)
 
         def body(batch, side, chunks):
             self._check_once(batch, side)
             kept = self._kept_product(batch) if self.kind == "hessian" else None
-            if kept is not None:
-                out.add_(kept[1])  # free with the kept state
-                return
-            g = grad(loss_of)(self.forward.params, batch)
-            out.add_(torch.cat([g[n].reshape(-1) for n in names]))
+            out.add_(batch_gradient(self.forward, batch) if kept is None else kept[1])
 
         return out.mul_(self._run("gradient", body, lazy=True))
 

@@ -26,15 +26,31 @@ def _flatten(tensors: dict, names) -> torch.Tensor:
     return torch.cat([tensors[n].reshape(-1) for n in names])
 
 
+def _flatten_grads(leaves: list[torch.Tensor], grads) -> torch.Tensor:
+    """``autograd.grad(..., allow_unused=True)`` results as one flat vector, zeros for None."""
+    return torch.cat(
+        [
+            torch.zeros_like(t).reshape(-1) if g is None else g.reshape(-1)
+            for t, g in zip(leaves, grads)
+        ]
+    )
+
+
+def _loss_of(fw: Forward, batch: Batch) -> Callable[[dict], torch.Tensor]:
+    """params -> Σₙ ℓₙ of the batch."""
+    return lambda params: fw.loss.sum_loss(fw.output(batch, params), batch.targets)
+
+
+def batch_gradient(fw: Forward, batch: Batch) -> torch.Tensor:
+    """(P,): Σₙ ∇ℓₙ of the batch, flat."""
+    return _flatten(grad(_loss_of(fw, batch))(fw.params), fw.layout.names)
+
+
 def hessian_product(
     fw: Forward, batch: Batch, chunk: int | None, forward_ad: bool = True
 ) -> Callable:
     names = fw.layout.names
-
-    def loss_of(params: dict) -> torch.Tensor:
-        return fw.loss.sum_loss(fw.output(batch, params), batch.targets)
-
-    hv = hessian_map(grad(loss_of), fw.params, forward_ad)
+    hv = hessian_map(grad(_loss_of(fw, batch)), fw.params, forward_ad)
 
     def column(v: torch.Tensor) -> torch.Tensor:
         return _flatten(hv(fw.layout.unflatten(v)), names)
@@ -97,15 +113,9 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.T
     watched = watch([*fw.model.parameters(), *_tensors(batch.inputs)])
     leaves = [fw.params[n].detach().requires_grad_() for n in names]
     with torch.enable_grad():
-        out = fw.output(batch, dict(zip(names, leaves)))
-        loss = fw.loss.sum_loss(out, batch.targets)
+        loss = _loss_of(fw, batch)(dict(zip(names, leaves)))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        gradient = torch.cat(
-            [
-                torch.zeros_like(t).reshape(-1) if g is None else g.detach().reshape(-1)
-                for t, g in zip(leaves, grads)
-            ]
-        )
+        gradient = _flatten_grads(leaves, grads).detach()
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not used:  # the loss is linear in every parameter: H = 0
             return (lambda V: torch.zeros_like(V)), gradient
@@ -119,12 +129,7 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.T
     def column(v: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             cols = torch.autograd.grad(flat_g, leaves, v, retain_graph=True, allow_unused=True)
-        return torch.cat(
-            [
-                torch.zeros_like(t).reshape(-1) if c is None else c.reshape(-1)
-                for t, c in zip(leaves, cols)
-            ]
-        )
+        return _flatten_grads(leaves, cols)
 
     def prod(V: torch.Tensor) -> torch.Tensor:
         # One backward pass per column: batching them (is_grads_batched) was slower here
