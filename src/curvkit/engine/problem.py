@@ -116,15 +116,25 @@ class Problem:
             )
         return 1.0 / total_norm
 
+    @property
+    def budget(self) -> int:
+        """Bytes for temporaries and kept state, read once per request (/proc/meminfo is not
+        free)."""
+        if self._budget is None:
+            self._budget = work_budget(self.device, self.memory_limit)
+        return self._budget
+
+    def _pass_bytes(self, batch: Batch) -> int:
+        """Memory of one pass's worth of the batch's activations with their tangents or graph:
+        six times the activations."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return max(self.forward.activation_numel(batch), 1) * item * 6
+
     def _chunks(self, batch: Batch) -> tuple[int, int]:
         """(tangents per vmapped call, one-hot columns per product call) within the budget."""
-        if self._budget is None:  # read once per request: /proc/meminfo is not free
-            self._budget = work_budget(self.device, self.memory_limit)
-        budget = self._budget
-        item = torch.empty((), dtype=self.dtype).element_size()
-        per_tangent = max(self.forward.activation_numel(batch), 1) * item * 6
-        per_column = self.P * item * 4 + per_tangent
-        return max(1, budget // per_tangent), max(1, min(4096, budget // per_column))
+        per_tangent = self._pass_bytes(batch)
+        per_column = self.P * torch.empty((), dtype=self.dtype).element_size() * 4 + per_tangent
+        return max(1, self.budget // per_tangent), max(1, min(4096, self.budget // per_column))
 
     def _run(self, desc: str, body: Callable, factor: bool = False, lazy: bool = False) -> float:
         """Visit every batch once: ``body(batch, side, chunk sizes (lazy))``; return the scale s.
@@ -203,17 +213,14 @@ class Problem:
         i = batch.index
         if self._keep_none or i in self._kept:
             return None if self._keep_none else self._kept[i]
-        if self._budget is None:
-            self._budget = work_budget(self.device, self.memory_limit)
-        item = torch.empty((), dtype=self.dtype).element_size()
-        size = max(self.forward.activation_numel(batch), 1) * item * 6  # as in _chunks
+        size = self._pass_bytes(batch)
         kept = None
-        if self._kept_bytes + size <= self._budget:
+        if self._kept_bytes + size <= self.budget:
             kept = chain_hessian_product(self.forward, batch) or cached_hessian_product(
                 self.forward, batch
             )
             size = getattr(kept[0], "nbytes", size)  # the chain route knows its own
-        if kept is None or self._kept_bytes + size > self._budget:
+        if kept is None or self._kept_bytes + size > self.budget:
             # All batches or none: a loader that reshuffles would otherwise mix the kept
             # batches of the first pass with fresh ones of later passes.
             self._kept.clear()
