@@ -118,16 +118,25 @@ def _leaky(m: nn.LeakyReLU, y: torch.Tensor) -> torch.Tensor:
     return torch.where(y > 0, y.new_ones(()), y.new_full((), m.negative_slope))
 
 
+# Activation modules: σ'(z) in terms of their output y = σ(z) (also used by ``hvp.py``).
+DERIVATIVES: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: lambda m, y: (y > 0).to(y.dtype),
+    nn.Tanh: lambda m, y: 1 - y * y,
+    nn.Sigmoid: lambda m, y: y * (1 - y),
+    nn.LeakyReLU: _leaky,
+}
+
+
 # Rules: type -> (backward, the recorded tensor it reads or None, applicability check). Layers
 # "read" their input: the structured reductions take their inputs from the trace.
 _OUT, _IN = "output", "input"
 RULES: dict[type, tuple[Callable, str | None, Callable[[Call], bool]]] = {
     nn.Linear: (_linear, _IN, lambda c: True),
-    nn.ReLU: (_pointwise(lambda m, y: (y > 0).to(y.dtype)), _OUT, lambda c: True),
-    nn.Tanh: (_pointwise(lambda m, y: 1 - y * y), _OUT, lambda c: True),
-    nn.Sigmoid: (_pointwise(lambda m, y: y * (1 - y)), _OUT, lambda c: True),
+    nn.ReLU: (_pointwise(DERIVATIVES[nn.ReLU]), _OUT, lambda c: True),
+    nn.Tanh: (_pointwise(DERIVATIVES[nn.Tanh]), _OUT, lambda c: True),
+    nn.Sigmoid: (_pointwise(DERIVATIVES[nn.Sigmoid]), _OUT, lambda c: True),
     nn.LeakyReLU: (
-        _pointwise(lambda m, y: _leaky(m, y)),
+        _pointwise(DERIVATIVES[nn.LeakyReLU]),
         _OUT,
         lambda c: c.module.negative_slope > 0,
     ),
@@ -150,7 +159,7 @@ for _nd, _pool_type in enumerate((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), sta
     RULES[_pool_type] = (_maxpool, _IN, lambda c, nd=_nd: c.input.dim() == nd + 2)
 
 
-_IN_PLACE = {r[0] for t, r in RULES.items() if t in (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)}
+_IN_PLACE = {r[0] for t, r in RULES.items() if t in DERIVATIVES}
 _VIEWS = {_reshape}
 
 

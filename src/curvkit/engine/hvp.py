@@ -29,16 +29,16 @@ import torch
 from torch import nn
 
 from ..data import Batch
-from .chain import Call, _leaky, chain_of
+from .chain import DERIVATIVES, Call, chain_of
 from .forward import Forward, _owners
 from .products import check_unchanged, watch
 
-# activation -> (σ'(z), σ''(z)) in terms of its output y = σ(z); None for σ'' = 0 a.e.
-_ACTIVATIONS: dict[type, Callable] = {
-    nn.Tanh: lambda m, y: (1 - y * y, -2 * y * (1 - y * y)),
-    nn.Sigmoid: lambda m, y: (y * (1 - y), y * (1 - y) * (1 - 2 * y)),
-    nn.ReLU: lambda m, y: ((y > 0).to(y.dtype), None),
-    nn.LeakyReLU: lambda m, y: (_leaky(m, y), None),
+# activation -> σ''(z) from its output y = σ(z) and σ'(z) (``chain.DERIVATIVES``); None: 0 a.e.
+_SECOND: dict[type, Callable | None] = {
+    nn.Tanh: lambda y, d1: -2 * y * d1,
+    nn.Sigmoid: lambda y, d1: d1 * (1 - 2 * y),
+    nn.ReLU: None,
+    nn.LeakyReLU: None,
 }
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Flatten)  # on (N, features) tensors: the identity
 
@@ -53,7 +53,7 @@ class _Linear:
 
 
 class _Pointwise:
-    def __init__(self, call: Call, d1: torch.Tensor, d2: torch.Tensor | None):
+    def __init__(self, d1: torch.Tensor, d2: torch.Tensor | None):
         self.d1, self.d2 = d1, d2  # σ', then δ ⊙ σ'' once δ is known
         self.dot: torch.Tensor | None = None  # ȧ' = σ' ⊙ ż, buffer
         self.z_dot: torch.Tensor | None = None  # ż: the previous stage's tangent
@@ -91,8 +91,10 @@ def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Te
                 return None  # called twice or tied: its Hessian blocks couple across uses
             seen.update(mine)
             stages.append(_Linear(c, *_slices(layout, m)))
-        elif type(m) in _ACTIVATIONS:
-            stages.append(_Pointwise(c, *_ACTIVATIONS[type(m)](m, c.output)))
+        elif type(m) in _SECOND:
+            d1 = DERIVATIVES[type(m)](m, c.output)
+            second = _SECOND[type(m)]
+            stages.append(_Pointwise(d1, None if second is None else second(c.output, d1)))
         elif not isinstance(m, _NO_OPS):
             return None
     covered = sum(
