@@ -443,6 +443,24 @@ def span(xs: list[float], fmt: str = "{:.1e}") -> str:
     return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
 
 
+def print_table(header: str, rows: list[Row], ref_row: Row, error: Callable) -> None:
+    """One Markdown table: median time, products and ``error(result)`` over the runs, and the
+    time relative to ``ref_row``'s."""
+    print(header)
+    print("|---|---|---|---|---|")
+    t_ref = statistics.median(ref_row.times) if ref_row.times else None
+    for row in rows:
+        if row.skipped:
+            print(f"| {row.label} | skipped: {row.skipped} | | | |")
+            continue
+        t = statistics.median(row.times)
+        errs = [error(res) for res in row.results]
+        prods = [e["products"] for e in row.extras]
+        ratio = "1.00 (ref)" if row is ref_row else (f"{t / t_ref:.2f}" if t_ref else "—")
+        print(f"| {row.label} | {fmt_t(t)} | {span(prods, '{:.0f}')} | {span(errs)} | {ratio} |")
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
@@ -512,37 +530,19 @@ def main() -> int:
         f"- exact trace (curvkit `hessian(..., structure='diag').trace()`, float32): "
         f"{exact_trace:.6g}, computed in {fmt_t(t_trace)}\n"
     )
-    print(
-        "| method | time (median) | products with H | max rel. error of top-10 | × curvkit time |"
+    print_table(
+        "| method | time (median) | products with H | max rel. error of top-10 | × curvkit time |",
+        [r for r in rows if r.kind == "eig"],
+        ck_row,
+        lambda res: rel_err(res, ref),
     )
-    print("|---|---|---|---|---|")
-    t_ck = statistics.median(ck_row.times) if ck_row.times else None
-    for row in (r for r in rows if r.kind == "eig"):
-        if row.skipped:
-            print(f"| {row.label} | skipped: {row.skipped} | | | |")
-            continue
-        t = statistics.median(row.times)
-        errs = [rel_err(res, ref) for res in row.results]
-        prods = [e["products"] for e in row.extras]
-        ratio = "1.00 (ref)" if row is ck_row else (f"{t / t_ck:.2f}" if t_ck else "—")
-        print(f"| {row.label} | {fmt_t(t)} | {span(prods, '{:.0f}')} | {span(errs)} | {ratio} |")
-    print()
-    print(
+    print_table(
         "| trace estimator | time (median) | products with H | rel. error vs exact trace | "
-        "× curvkit time |"
+        "× curvkit time |",
+        [r for r in rows if r.kind == "trace"],
+        ck_trace_row,
+        lambda res: abs(res - exact_trace) / abs(exact_trace),
     )
-    print("|---|---|---|---|---|")
-    t_ckt = statistics.median(ck_trace_row.times) if ck_trace_row.times else None
-    for row in (r for r in rows if r.kind == "trace"):
-        if row.skipped:
-            print(f"| {row.label} | skipped: {row.skipped} | | | |")
-            continue
-        t = statistics.median(row.times)
-        errs = [abs(res - exact_trace) / abs(exact_trace) for res in row.results]
-        prods = [e["products"] for e in row.extras]
-        ratio = "1.00 (ref)" if row is ck_trace_row else (f"{t / t_ckt:.2f}" if t_ckt else "—")
-        print(f"| {row.label} | {fmt_t(t)} | {span(prods, '{:.0f}')} | {span(errs)} | {ratio} |")
-    print()
     g = ctx["grad"]
     print(
         "Context (median of interleaved runs): one gradient pass "
