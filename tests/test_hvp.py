@@ -44,6 +44,23 @@ class TiedAutoencoder(nn.Module):  # the decoder's weight also used outside its 
         return self.dec(torch.tanh(x @ self.dec.weight))
 
 
+class TransposedReuse(TiedAutoencoder):  # the weight escapes through ``.T``, a view
+    def forward(self, x):
+        return self.dec(torch.tanh(x @ self.dec.weight.T.T))
+
+
+class ReadsShapes(nn.Module):  # a parent reading a weight's metadata: not a use of its values
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        w = self.net[0].weight
+        if x.shape[-1] != w.shape[1] or x.dtype != w.dtype or w.device != x.device:
+            raise ValueError("unexpected input")
+        return self.net(x)
+
+
 def _labels(n: int, c: int) -> torch.Tensor:
     return torch.randint(0, c, (n,))
 
@@ -107,6 +124,14 @@ def _cases():
         None,
         0,
     )
+    out["transposed_reuse"] = (
+        TransposedReuse(),
+        (torch.randn(6, 4), torch.randn(6, 4)),
+        nn.MSELoss(),
+        None,
+        0,
+    )
+    out["reads_shapes"] = (ReadsShapes(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 1)
     out["many_classes"] = (  # N·C² beyond the activations: keep the graph, not Mₙ
         nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 40)),
         (torch.randn(5, 3), _labels(5, 40)),
@@ -160,7 +185,9 @@ def test_hessian_products_and_route(name):
     assert took == bool(chain), f"{name}: chain route taken: {took}"
 
 
-@pytest.mark.parametrize("name", ["in_place_between", "functional_reuse", "tied_embedding"])
+@pytest.mark.parametrize(
+    "name", ["in_place_between", "functional_reuse", "transposed_reuse", "tied_embedding"]
+)
 def test_dense_hessian_sees_every_use_of_a_parameter(name):
     """The dense engine's per-layer rules see a weight only through its module; a parameter
     also used elsewhere, or an in-place change between modules, must leave them."""

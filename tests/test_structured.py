@@ -526,6 +526,18 @@ def test_structures_over_several_batches_equal_one_concatenated_batch(name, stru
     assert_close(split.to_dense(), one.to_dense(), what=f"{name} {structure} {mode} batches")
 
 
+def test_structures_under_a_stack_recording_profiler():
+    """``torch.profiler`` with stacks reads every parameter's ``.grad`` while the model runs:
+    metadata reads are not uses of a weight, so the rule layers must not change."""
+    c = case("mlp_ce_mean")
+    x, t = c.batches[0]
+    batches = [(x[:3], t[:3]), (x[3:], t[3:])]
+    plain = ck.ggn(c.model, c.loss_fn, batches, structure="kron", progress=False)
+    with torch.profiler.profile(with_stack=True):
+        seen = ck.ggn(c.model, c.loss_fn, batches, structure="kron", progress=False)
+    assert_close(seen.to_dense(), plain.to_dense(), what="KFAC under the profiler")
+
+
 # --------------------------------------------------------------------------------------------
 # 3. exact diagonals
 # --------------------------------------------------------------------------------------------

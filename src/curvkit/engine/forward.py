@@ -184,6 +184,11 @@ def _candidate(mod: nn.Module) -> tuple[int, int] | None:
 MAX_VOCAB = 4096  # one-hot inputs and a dense (vocab × vocab) factor beyond that cost too much
 
 
+# Tensor attributes that hand out a parameter's values; reading any other attribute (``shape``,
+# ``dtype``, ``grad`` — which ``torch.profiler`` reads while recording stacks) is not a use.
+_VALUE_ATTRIBUTES = frozenset({"T", "H", "mT", "mH", "data", "real", "imag", "_base"})
+
+
 class _Escapes(TorchFunctionMode):
     """Collects the ids in ``tracked`` of tensors passed to a torch function while no leaf
     module is running (``depth`` is kept by the recording hooks)."""
@@ -194,11 +199,19 @@ class _Escapes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.depth == 0:
+        if self.depth == 0 and _uses_values(func):
             for a in tree_flatten((args, kwargs))[0]:
                 if isinstance(a, torch.Tensor) and id(a) in self.tracked:
                     self.found.add(id(a))
         return func(*args, **kwargs)
+
+
+def _uses_values(func) -> bool:
+    """Whether a torch function reads its tensors' values: everything but metadata getters."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", None) == "__get__" and owner is not None:
+        return getattr(owner, "__name__", None) in _VALUE_ATTRIBUTES
+    return True
 
 
 class Forward:
