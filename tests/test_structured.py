@@ -538,6 +538,44 @@ def test_structures_under_a_stack_recording_profiler():
     assert_close(seen.to_dense(), plain.to_dense(), what="KFAC under the profiler")
 
 
+def _factor_losses():
+    w = torch.tensor([0.5, 2.0, 1.0, 1.5], dtype=DT)
+    n, c = 7, 4
+    logits = torch.randn(n, c, dtype=DT) * 3
+    idx = torch.randint(0, c, (n,))
+    idx[2] = -100
+    probs = torch.rand(n, c, dtype=DT)
+    return {
+        "ce": (nn.CrossEntropyLoss(reduction="sum"), logits, idx % c, c - 1),
+        "ce_weight_ignore": (nn.CrossEntropyLoss(weight=w, reduction="sum"), logits, idx, c - 1),
+        "ce_one_class_certain": (
+            nn.CrossEntropyLoss(reduction="sum"),
+            torch.tensor([[40.0, 0.0, -40.0, 1.0]], dtype=DT),
+            torch.tensor([0]),
+            c - 1,
+        ),
+        "mse": (nn.MSELoss(reduction="sum"), logits, probs, None),
+        "bce_logits": (nn.BCEWithLogitsLoss(reduction="sum"), logits, probs, None),
+        "bce": (nn.BCELoss(reduction="sum"), probs.clamp(0.05, 0.95), probs.round(), None),
+        "custom": (lambda o, t: torch.cos(o - t).sum(), logits, probs, None),
+    }
+
+
+@pytest.mark.parametrize("name", list(_factor_losses()))
+def test_output_factor_reproduces_the_output_hessian(name):
+    """Every structure backpropagates the columns of Fₙ with Fₙ diag(σₙ) Fₙᵀ = Mₙ."""
+    from curvkit.losses import as_loss
+
+    torch.manual_seed(0)
+    loss_fn, out, tgt, columns = _factor_losses()[name]
+    F, signs = as_loss(loss_fn, None).output_factor("ggn", out, tgt)
+    if columns is not None:
+        assert F.shape[2] == columns, f"{name}: {F.shape[2]} columns, want {columns}"
+    SF = F if signs is None else F * signs[:, None, :]
+    want = ref_output_hessians(lambda o, t: loss_fn(o[None], t), out, tgt)
+    assert_close(SF @ F.transpose(1, 2), want, rtol=1e-12, what=name)
+
+
 # --------------------------------------------------------------------------------------------
 # 3. exact diagonals
 # --------------------------------------------------------------------------------------------

@@ -228,17 +228,21 @@ class CrossEntropy(Loss):
         k = self._kappa(out, tgt)
         if k is None:
             return None
-        # diag(p) − ppᵀ = F Fᵀ with F = diag(√p) − p√pᵀ, since Σ p = 1. F √p = 0, so F keeps its
-        # product with an orthonormal basis of √p's complement: C − 1 columns instead of C.
-        # The basis is a Householder reflection sending √p to ∓e_C.
+        # diag(p) − ppᵀ = R Rᵀ with R = diag(u) − p uᵀ, u = √p, since Σ p = 1. R u = 0, so R
+        # keeps its product with an orthonormal basis of u's complement: C − 1 columns instead
+        # of C. The basis is the Householder reflection Q = I − 2wwᵀ/‖w‖², w = u + e_C (never
+        # small: u ≥ 0), which sends u to −e_C. With ‖w‖² = 2(1 + u_C) and R e_C = u_C (e_C − p),
+        #   R Q = diag(u) − v wᵀ,  v = (p + u_C e_C) / (1 + u_C),
+        # whose first C − 1 columns are diag(u)[:, :C−1] − v u[:C−1]ᵀ (w and u agree there).
         p = out.softmax(dim=1)
         u = p.sqrt()
-        root = torch.diag_embed(u) - p[:, :, None] * u[:, None, :]
-        w = u.clone()
-        w[:, -1] += 1.0  # √p + e_C: never small, since √p ≥ 0
-        rw = root[:, :, -1:]  # root w = root(√p + e_C) = root e_C
-        reflected = root - 2 * rw * w[:, None, :] / (w * w).sum(1)[:, None, None]
-        return reflected[:, :, :-1] * k.sqrt()[:, None, None]
+        uc = u[:, -1:]
+        v = p / (1 + uc)
+        v[:, -1:] += uc / (1 + uc)
+        ks = k.sqrt()[:, None]
+        F = (v * -ks)[:, :, None] * u[:, None, :-1]
+        F.diagonal(dim1=1, dim2=2).addcmul_(u[:, :-1], ks)
+        return F
 
     def _closed_form_grad(self, out, tgt):
         k = self._kappa(out, tgt)
