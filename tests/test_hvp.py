@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import DT, Residual
-from helpers import assert_close, ref_hessian, total_loss_fn
+from helpers import assert_close, ref_ggn, ref_hessian, total_loss_fn
 from torch import nn
 from torch.func import grad
 
@@ -59,6 +59,30 @@ class ReadsShapes(nn.Module):  # a parent reading a weight's metadata: not a use
         if x.shape[-1] != w.shape[1] or x.dtype != w.dtype or w.device != x.device:
             raise ValueError("unexpected input")
         return self.net(x)
+
+
+class OtherLeafUsesWeight(nn.Module):  # a head (a leaf) using layer a's weight, unregistered
+    class Head(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = [lin]
+
+        def forward(self, h):
+            return h @ self.lin[0].weight
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.head = self.Head(self.a)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)))
+
+
+def _hooked(which: int) -> nn.Module:  # a user's forward hook changes a module's output
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[which].register_forward_hook(lambda mod, args, out: 2.0 * out)
+    return model
 
 
 def _labels(n: int, c: int) -> torch.Tensor:
@@ -132,6 +156,16 @@ def _cases():
         0,
     )
     out["reads_shapes"] = (ReadsShapes(), (torch.randn(6, 4), _labels(6, 3)), ce, None, 1)
+    sse = nn.MSELoss(reduction="sum")
+    out["hook_on_layer"] = (_hooked(0), (torch.randn(5, 3), torch.randn(5, 2)), sse, None, 0)
+    out["hook_on_activation"] = (_hooked(1), (torch.randn(5, 3), torch.randn(5, 2)), sse, None, 0)
+    out["other_leaf_uses_weight"] = (
+        OtherLeafUsesWeight(),
+        (torch.randn(6, 3), _labels(6, 3)),
+        nn.CrossEntropyLoss(reduction="sum"),
+        None,
+        0,
+    )
     out["many_classes"] = (  # N·C² beyond the activations: keep the graph, not Mₙ
         nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 40)),
         (torch.randn(5, 3), _labels(5, 40)),
@@ -185,15 +219,36 @@ def test_hessian_products_and_route(name):
     assert took == bool(chain), f"{name}: chain route taken: {took}"
 
 
-@pytest.mark.parametrize(
-    "name", ["in_place_between", "functional_reuse", "transposed_reuse", "tied_embedding"]
-)
+SEEN_BY_EVERY_RULE = [
+    "in_place_between",
+    "functional_reuse",
+    "transposed_reuse",
+    "tied_embedding",
+    "hook_on_layer",
+    "hook_on_activation",
+    "other_leaf_uses_weight",
+]
+
+
+@pytest.mark.parametrize("name", SEEN_BY_EVERY_RULE)
 def test_dense_hessian_sees_every_use_of_a_parameter(name):
     """The dense engine's per-layer rules see a weight only through its module; a parameter
     also used elsewhere, or an in-place change between modules, must leave them."""
     model, (x, y), loss, params, _ = CASES[name]
     got = ck.hessian(model, loss, (x, y), params=params)
     assert_close(got, ref_hessian(model, _loss_total(loss), [(x, y)], params), what=name)
+
+
+@pytest.mark.parametrize("name", ["hook_on_layer", "hook_on_activation", "other_leaf_uses_weight"])
+def test_structures_see_hooks_and_uses_by_other_modules(name):
+    """The per-layer rules (ε trick, chains) know only a module's own ``forward``: a user's
+    forward hook or a use of its weight inside another module must take them off."""
+    model, (x, y), loss, params, _ = CASES[name]
+    ggn = ref_ggn(model, loss, 1.0, [(x, y)])
+    hess = ref_hessian(model, loss, [(x, y)])
+    for kind, ref in ((ck.ggn, ggn), (ck.hessian, hess)):
+        got = kind(model, loss, (x, y), structure="diag", progress=False).diagonal()
+        assert_close(got, ref.diagonal(), what=f"{name}: {kind.__name__} diagonal")
 
 
 def test_leaky_relu_slope_kept_in_float64():

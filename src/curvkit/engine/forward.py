@@ -32,7 +32,7 @@ from ..data import Batch, _tensors, call_model, pick_output
 from ..errors import CurvkitValueError
 from ..losses import Loss
 from ..params import ParamLayout
-from .chain import Call, Trace, chain_of
+from .chain import Call, Trace, chain_of, output_hooked
 
 
 @dataclass
@@ -190,18 +190,27 @@ _VALUE_ATTRIBUTES = frozenset({"T", "H", "mT", "mH", "data", "real", "imag", "_b
 
 
 class _Escapes(TorchFunctionMode):
-    """Collects the ids in ``tracked`` of tensors passed to a torch function while no leaf
-    module is running (``depth`` is kept by the recording hooks)."""
+    """Collects the ids in ``tracked`` of tensors passed to a torch function other than by
+    their own module: while no leaf module runs, or inside another leaf's call (a head that
+    keeps an unregistered reference to a layer). ``running`` is kept by the recording hooks."""
 
     def __init__(self, tracked: set[int]):
         super().__init__()
-        self.tracked, self.depth, self.found = tracked, 0, set()
+        self.tracked, self.found = tracked, set()
+        self.running: list[set[int]] = []  # ids of each running leaf's own parameters
+
+    def enter(self, module: nn.Module) -> None:
+        self.running.append({id(p) for p in module._parameters.values() if p is not None})
+
+    def exit(self) -> None:
+        self.running.pop()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.depth == 0 and _uses_values(func):
+        if _uses_values(func):
+            own = self.running[-1] if self.running else ()
             for a in tree_flatten((args, kwargs))[0]:
-                if isinstance(a, torch.Tensor) and id(a) in self.tracked:
+                if isinstance(a, torch.Tensor) and id(a) in self.tracked and id(a) not in own:
                     self.found.add(id(a))
         return func(*args, **kwargs)
 
@@ -235,6 +244,8 @@ class Forward:
                 continue
             if owners[id(w)] > 1 or (b is not None and owners[id(b)] > 1):
                 continue  # tied weight: its curvature sums over uses, left to the products
+            if output_hooked(mod):
+                continue  # a hook may change the output: the rule would not see it
             groups = getattr(mod, "groups", 1)
             for j in range(groups):  # a grouped conv: one block-diagonal piece per group
                 layer = RuleLayer(
@@ -321,7 +332,7 @@ class Forward:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             before.append(-1 if x is None else x._version)
             if escapes is not None:
-                escapes.depth += 1
+                escapes.enter(mod)
 
         def hook(mod, args, kwargs, out):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -330,7 +341,7 @@ class Forward:
             single = x is not None and len(args) == 1 and not kwargs
             calls.append(Call(mod, x, y, single, versions, before.pop()))
             if escapes is not None:
-                escapes.depth -= 1
+                escapes.exit()
 
         leaves = [m for m in self.model.modules() if not list(m.children())]
         handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in leaves]
