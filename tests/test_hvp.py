@@ -79,6 +79,27 @@ class OtherLeafUsesWeight(nn.Module):  # a head (a leaf) using layer a's weight,
         return self.head(torch.tanh(self.a(x)))
 
 
+class NoGradInside(nn.Module):  # a no_grad section: a constant to autograd, not to jvp
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            scale = h.norm(dim=1, keepdim=True)  # per sample
+        return self.b(h / scale)
+
+
+class PaddedEmbedding(nn.Module):  # the padding row is frozen in reverse mode, moved by jvp
+    def __init__(self):
+        super().__init__()
+        self.e, self.l = nn.Embedding(6, 3, padding_idx=0), nn.Linear(3, 3)
+
+    def forward(self, t):
+        return self.l(torch.tanh(self.e(t)).sum(1))
+
+
 def _hooked(which: int) -> nn.Module:  # a user's forward hook changes a module's output
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     model[which].register_forward_hook(lambda mod, args, out: 2.0 * out)
@@ -166,6 +187,16 @@ def _cases():
         None,
         0,
     )
+    out["no_grad_inside"] = (NoGradInside(), (torch.randn(5, 3), torch.randn(5, 2)), sse, None, 0)
+    tokens = torch.randint(1, 6, (6, 5))
+    tokens[0, :2] = 0  # padding
+    out["padded_embedding"] = (
+        PaddedEmbedding(),
+        (tokens, _labels(6, 3)),
+        nn.CrossEntropyLoss(reduction="sum"),
+        None,
+        0,
+    )
     out["many_classes"] = (  # N·C² beyond the activations: keep the graph, not Mₙ
         nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 40)),
         (torch.randn(5, 3), _labels(5, 40)),
@@ -227,6 +258,8 @@ SEEN_BY_EVERY_RULE = [
     "hook_on_layer",
     "hook_on_activation",
     "other_leaf_uses_weight",
+    "no_grad_inside",
+    "padded_embedding",
 ]
 
 
@@ -239,16 +272,22 @@ def test_dense_hessian_sees_every_use_of_a_parameter(name):
     assert_close(got, ref_hessian(model, _loss_total(loss), [(x, y)], params), what=name)
 
 
-@pytest.mark.parametrize("name", ["hook_on_layer", "hook_on_activation", "other_leaf_uses_weight"])
-def test_structures_see_hooks_and_uses_by_other_modules(name):
+@pytest.mark.parametrize("name", SEEN_BY_EVERY_RULE[-5:])
+def test_every_structure_sees_what_autograd_sees(name):
     """The per-layer rules (ε trick, chains) know only a module's own ``forward``: a user's
-    forward hook or a use of its weight inside another module must take them off."""
+    forward hook or a use of its weight inside another module must take them off. Forward-mode
+    AD must not be used where torch's reverse-mode conventions differ (``no_grad`` inside
+    forward, an embedding's ``padding_idx``)."""
     model, (x, y), loss, params, _ = CASES[name]
     ggn = ref_ggn(model, loss, 1.0, [(x, y)])
     hess = ref_hessian(model, loss, [(x, y)])
     for kind, ref in ((ck.ggn, ggn), (ck.hessian, hess)):
         got = kind(model, loss, (x, y), structure="diag", progress=False).diagonal()
         assert_close(got, ref.diagonal(), what=f"{name}: {kind.__name__} diagonal")
+    assert_close(ck.ggn(model, loss, (x, y)), ggn, what=f"{name}: dense GGN")
+    G = ck.ggn(model, loss, (x, y), structure="operator")
+    V = torch.randn(G.shape[0], 2, dtype=DT)
+    assert_close(G @ V, ggn @ V, what=f"{name}: GGN products")
 
 
 def test_leaky_relu_slope_kept_in_float64():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -198,6 +198,10 @@ class _Escapes(TorchFunctionMode):
         super().__init__()
         self.tracked, self.found = tracked, set()
         self.running: list[set[int]] = []  # ids of each running leaf's own parameters
+        # Forward-mode AD (jvp) disagrees with reverse mode where torch's own gradient is a
+        # convention: ``no_grad`` sections (jvp still differentiates them) and an embedding's
+        # frozen ``padding_idx`` row (jvp moves it). Such models use reverse mode only.
+        self.reverse_only = False
 
     def enter(self, module: nn.Module) -> None:
         self.running.append({id(p) for p in module._parameters.values() if p is not None})
@@ -207,12 +211,19 @@ class _Escapes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        padded = func is F.embedding and _padding_idx(args, kwargs) is not None
+        if padded or not torch.is_grad_enabled():
+            self.reverse_only = True
         if _uses_values(func):
             own = self.running[-1] if self.running else ()
             for a in tree_flatten((args, kwargs))[0]:
                 if isinstance(a, torch.Tensor) and id(a) in self.tracked and id(a) not in own:
                     self.found.add(id(a))
         return func(*args, **kwargs)
+
+
+def _padding_idx(args, kwargs):
+    return kwargs["padding_idx"] if "padding_idx" in kwargs else (args[2:3] or [None])[0]
 
 
 def _uses_values(func) -> bool:
@@ -272,7 +283,7 @@ class Forward:
     def rule_layers(self, batch: Batch, structured: bool = False) -> list[RuleLayer]:
         """Layers with a rule on this batch, each called once on batched input. Dense blocks
         need Linear layers on (N, in) inputs; structured reductions take any positions."""
-        calls, _, escaped = self._probe(batch)
+        calls, _, escaped, _ = self._probe(batch)
         keep = []
         for c in self._candidates:
             if any(id(p) in escaped for p in (c.module.weight, getattr(c.module, "bias", None))):
@@ -325,7 +336,9 @@ class Forward:
         # Probing also watches for chosen parameters used outside their own module's call
         # (``x @ layer.weight`` in a parent's forward): rules that see a parameter only
         # through its module would miss that use, so such layers take the generic path.
-        escapes = _Escapes({id(t) for t in self.layout.tensors}) if probing else None
+        # It calls the model on detached parameters with grad mode on (no graph is built), so
+        # that grad mode switched off inside forward() shows.
+        escapes = _Escapes({id(t) for t in self.params.values()}) if probing else None
         before: list[int] = []
 
         def pre_hook(mod, args, kwargs):
@@ -347,8 +360,13 @@ class Forward:
         handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in leaves]
         handles += [m.register_forward_hook(hook, with_kwargs=True) for m in leaves]
         try:
-            with torch.no_grad(), escapes or nullcontext():  # the module's own parameters
-                out = pick_output(call_model(self.model, batch.inputs), self.output_fn)
+            if probing:
+                with torch.enable_grad(), escapes:
+                    raw = call_model(self.model, batch.inputs, self._probe_params())
+            else:
+                with torch.no_grad():  # the module's own parameters
+                    raw = call_model(self.model, batch.inputs)
+            out = pick_output(raw, self.output_fn)
         finally:
             for h in handles:
                 h.remove()
@@ -365,8 +383,20 @@ class Forward:
                 (tuple(c.input.shape), tuple(c.output.shape)) if ok else ((), ())
             )
             numel += 0 if c.output is None else c.output.numel()
-        batch.probe = self._probe_cache[key] = (dict(shapes), numel, frozenset(escapes.found))
+        real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
+        found = frozenset(real[i] for i in escapes.found)
+        probe = (dict(shapes), numel, found, escapes.reverse_only)
+        batch.probe = self._probe_cache[key] = probe
         return Trace(calls, out)
+
+    def _probe_params(self) -> dict[str, torch.Tensor]:
+        """Every parameter detached, the chosen ones as ``self.params`` (the tracked tensors)."""
+        every = {n: p.detach() for n, p in self.model.named_parameters()}
+        return {**every, **self.params}
+
+    def reverse_only(self, batch: Batch) -> bool:
+        """Whether jvp would disagree with autograd on this model (see ``_Escapes``)."""
+        return self._probe(batch)[3]
 
     def escaped(self, batch: Batch) -> frozenset[int]:
         """ids of chosen parameters that this batch's forward pass uses outside their own

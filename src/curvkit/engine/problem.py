@@ -178,13 +178,20 @@ class Problem:
         assert self.kind == "hessian", self.kind
         return self._with_fallback(lambda: self._reduce(diag_only=True))
 
+    def _forward_mode(self, batch: Batch) -> bool:
+        """Whether this batch's products may use forward-mode AD: not once an op lacked it, and
+        not where it would disagree with autograd (``Forward.reverse_only``)."""
+        if self.forward_ad and self.forward.reverse_only(batch):
+            self.forward_ad = False
+        return self.forward_ad
+
     def _reduce(self, diag_only: bool) -> torch.Tensor:
         shape = (self.P,) if diag_only else (self.P, self.P)
         out = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
         def body(batch, M, chunks):
             # The ε rules use forward mode; without it every coordinate takes the generic path.
-            layers = self.forward.rule_layers(batch) if self.forward_ad else []
+            layers = self.forward.rule_layers(batch) if self._forward_mode(batch) else []
             if layers and diag_only:
                 _dense.rule_hessian_diag(out, self.forward, batch, layers, chunks[0])
             elif layers:
@@ -257,7 +264,8 @@ class Problem:
                 if kept is not None:
                     out.add_(kept[0](V))
                     return
-                prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], self.forward_ad)
+                fad = self._forward_mode(batch)
+                prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], fad)
                 out.add_(prod(V))
 
             return out.mul_(self._run("product", body, lazy=True))
