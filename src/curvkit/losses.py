@@ -264,6 +264,9 @@ class CrossEntropy(Loss):
 
 
 class NLL(CrossEntropy):
+    """Outputs are log-probabilities log p. CrossEntropy's Monte-Carlo draw from the softmax of
+    the output is a draw from p itself, since softmax(log p) = p."""
+
     name = "NLLLoss"
 
     def __init__(self, module: nn.NLLLoss):
@@ -289,9 +292,6 @@ class NLL(CrossEntropy):
             return None
         c = out.shape[1]
         return -k[:, None] * F.one_hot(tgt.clamp(0, c - 1), c).to(out.dtype)
-
-    def sample_targets(self, out, tgt, gen):
-        return super().sample_targets(out.exp().log_softmax(1), tgt, gen)
 
 
 class MSE(Loss):
