@@ -538,6 +538,42 @@ def test_structures_under_a_stack_recording_profiler():
     assert_close(seen.to_dense(), plain.to_dense(), what="KFAC under the profiler")
 
 
+class SharedShift(nn.Module):  # a second input shared by every sample, and a float keyword
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln, self.c = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, u, shift, gain=1.0):
+        return self.c(torch.tanh(self.ln(self.a(u) * shift) * gain))
+
+
+def test_fallback_rows_keep_shared_inputs_whole():
+    torch.manual_seed(0)
+    model = SharedShift().to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    for inputs in (
+        (x, torch.randn(4, dtype=DT)),
+        {"u": x, "shift": torch.randn(4, dtype=DT), "gain": 0.7},
+    ):
+        dense = ck.ggn(model, loss, (inputs, y))
+        for structure in ("diag", "block"):
+            got = ck.ggn(model, loss, (inputs, y), structure=structure, progress=False)
+            want = dense.diagonal() if structure == "diag" else None
+            if want is not None:
+                assert_close(got.diagonal(), want, what=f"{type(inputs).__name__} {structure}")
+            else:
+                mask = got.to_dense() != 0
+                assert_close(
+                    got.to_dense()[mask], dense[mask], what=f"{type(inputs).__name__} block"
+                )
+    # a shared input whose leading size equals the batch's cannot be told from a batched one:
+    # the per-sample calls are checked against the batched output
+    inputs = (x[:4], torch.randn(4, dtype=DT))
+    with pytest.raises(ck.CurvkitError, match="do not reproduce the batched output"):
+        ck.ggn(model, loss, (inputs, y[:4]), structure="diag", progress=False)
+
+
 def _factor_losses():
     w = torch.tensor([0.5, 2.0, 1.0, 1.5], dtype=DT)
     n, c = 7, 4

@@ -243,6 +243,7 @@ class Forward:
         self._probe_cache: dict = {}
         self._chains: dict[tuple, bool] = {}  # input shapes -> whether the fast route applies
         self.scratch: dict = {}  # buffers the chain route reuses across chunks and batches
+        self.checked: set = set()  # one-time checks done, by (what, input shapes)
         owners = _owners(model)
         self._candidates: list[RuleLayer] = []
         for mod in model.modules():

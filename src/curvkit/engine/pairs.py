@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..data import Batch, _map_tensors, pick_output
+from ..data import Batch, pick_output
+from ..errors import CurvkitValueError
 from .chain import Trace, backprop_chain
 from .forward import Forward, RuleLayer
 
@@ -69,22 +71,52 @@ def _cotangents(F: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], chunk: int | None):
-    """(N, K, P_f): per-sample Fₙᵀ Jₙ restricted to the parameters ``names`` (vmap over samples)."""
+    """(N, K, P_f): per-sample Fₙᵀ Jₙ restricted to the parameters ``names`` (vmap over samples).
+
+    Inputs with a leading dimension of the batch's size are split into samples; any other input
+    (a shared tensor, a number) goes whole to every sample's call. Once per input shape, the
+    samples' outputs are checked against the batched output: a model that mixes samples, or a
+    shared input that happens to have the batch's leading size, would give wrong rows."""
     fixed = {n: t for n, t in fw.params.items() if n not in names}
     sub = {n: fw.params[n] for n in names}
+    leaves, spec = tree_flatten(batch.inputs)
+    dims = [
+        0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch.size else None
+        for t in leaves
+    ]
 
-    def one(inputs, Fn):
+    def one(sample, Fn):
+        args = [t.unsqueeze(0) if d == 0 else t for t, d in zip(sample, dims)]
+
         def f(p):
-            raw = functional_call(
-                fw.model, {**fixed, **p}, *_as_call(_map_tensors(inputs, lambda t: t.unsqueeze(0)))
-            )
+            raw = functional_call(fw.model, {**fixed, **p}, *_as_call(tree_unflatten(args, spec)))
             return pick_output(raw, fw.output_fn).reshape(-1)
 
-        _, pull = vjp(f, sub)
+        out, pull = vjp(f, sub)
         (rows,) = vmap(pull, in_dims=1)(Fn)  # dict of (K, *shape)
-        return torch.cat([rows[n].reshape(Fn.shape[1], -1) for n in names], dim=1)
+        return torch.cat([rows[n].reshape(Fn.shape[1], -1) for n in names], dim=1), out
 
-    return vmap(one, chunk_size=chunk)(batch.inputs, F)
+    rows, outs = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(leaves, F)
+    key = ("per-sample", fw._key(batch))
+    if key not in fw.checked:
+        _check_per_sample(outs, fw.output(batch), names)
+        fw.checked.add(key)
+    return rows
+
+
+def _check_per_sample(outs: torch.Tensor, batched: torch.Tensor, names: list[str]) -> None:
+    want = batched.reshape(outs.shape)
+    tol = torch.finfo(want.dtype).eps ** 0.5 * float(want.abs().max().clamp(min=1))
+    if not bool(((outs - want).abs() <= tol).all()):
+        raise CurvkitValueError(
+            f"structured curvature takes per-sample Jacobians of the parameters without a "
+            f"per-layer rule ({', '.join(names[:4])}{', …' if len(names) > 4 else ''}) by "
+            "calling the model on one sample at a time, but those calls do not reproduce the "
+            "batched output. Either the model mixes samples (e.g. BatchNorm in training mode), "
+            "or an input shared by all samples has the batch's leading size and was split. Put "
+            "shared tensors in the model (a buffer) or give them another leading size, or use "
+            "structure='dense' or 'operator'."
+        )
 
 
 def _as_call(inputs):
