@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FlatModel, assert_close, ref_ggn, rel_error
+from helpers import FlatModel, assert_close, ref_ggn, ref_hessian, rel_error
 from torch import nn
 
 import curvkit as ck
@@ -115,3 +115,21 @@ def test_monte_carlo_fisher_of_nll_draws_from_the_log_probabilities():
     f_nll = mc(log_probs, nn.NLLLoss())
     assert_close(f_nll, mc(logits, nn.CrossEntropyLoss()), what="NLL vs CE MC Fisher")
     assert rel_error(f_nll, exact) < 0.1
+
+
+def test_mean_callable_is_checked_on_the_first_batch_with_two_samples():
+    """A callable that averages over samples, passed as a sum, must be refused even when the
+    first batch has one sample (on which sum and mean agree); with reduction='mean' it gives
+    the Hessian of the mean over all samples."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    x, y = torch.randn(7, 3, dtype=DT), torch.randn(7, 2, dtype=DT)
+
+    def mean_loss(out, t):
+        return (out - t).square().sum(1).mean()
+
+    batches = [(x[:1], y[:1]), (x[1:], y[1:])]
+    with pytest.raises(ck.CurvkitError, match="averages over samples"):
+        ck.hessian(model, mean_loss, batches)
+    result = ck.hessian(model, mean_loss, batches, reduction="mean")
+    assert_close(result, ref_hessian(model, mean_loss, batches), what="hessian")

@@ -425,13 +425,13 @@ class CallableLoss(Loss):
     def check(self, out, tgt):
         if self._checked:
             return
-        self._checked = True
         with torch.no_grad():
             self.sum_loss(out, tgt)  # raises unless the callable returns a scalar
             if out.shape[0] < 2:
-                return
+                return  # sum and mean agree on one sample: check the first batch of two or more
             a, b = float(self.fn(out[:1], tgt[:1])), float(self.fn(out[1:2], tgt[1:2]))
             two = float(self.fn(out[:2], tgt[:2]))
+        self._checked = True
         tol = 1e-4 * (abs(a) + abs(b)) + 1e-12
         is_sum, is_mean = abs(two - (a + b)) <= tol, abs(two - (a + b) / 2) <= tol
         if self.reduction == "sum" and is_mean and not is_sum:
