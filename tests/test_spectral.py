@@ -157,6 +157,52 @@ def test_top_eigenvalues_default_tolerance_and_diagonal_example():
     assert_close(vals, torch.tensor([100.0, 99.0, 98.0], dtype=DT), rtol=1e-4)
 
 
+def test_top_eigenvalues_with_fewer_distinct_eigenvalues_than_k():
+    """One start vector's Krylov space holds one vector per distinct eigenvalue: on
+    diag(3, 2, 1, 1, 1, 1) it is exhausted after 3 products (a KeyError before). Lanczos goes on
+    from a fresh vector orthogonal to it and finds the repeated 1s."""
+    lam = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0, 1.0], dtype=DT)
+    for A in (torch.diag(lam), _with_spectrum(lam, seed=20)):
+        assert_close(ck.top_eigenvalues(A, k=4, generator=_gen()), lam[:4], what="top-4")
+        vals, V = ck.top_eigenvalues(A, k=6, tol=1e-8, eigenvectors=True, generator=_gen(1))
+        assert_close(vals, _top(A, 6), rtol=1e-10, what="all 6")
+        _check_eigenvectors(A, vals, V, 1e-8)
+
+
+def test_top_eigenvalues_of_a_low_rank_psd_matrix_beyond_its_rank():
+    """Rank 5, k = 9: the top 5 and then zeros, with orthonormal vectors (the null-space ones
+    from restarts)."""
+    lam = torch.cat([torch.linspace(5.0, 1.0, 5, dtype=DT), torch.zeros(35, dtype=DT)])
+    A = _with_spectrum(lam, seed=21)
+    vals, V = ck.top_eigenvalues(A, k=9, tol=1e-8, eigenvectors=True, generator=_gen(2))
+    assert_close(vals, lam[:9], rtol=1e-10, atol_scale=1e-12, what="rank 5, k=9")
+    _check_eigenvectors(A, vals, V, 1e-8)
+
+
+def test_lowrank_ggn_of_a_rank_deficient_problem():
+    """N=4 samples, C=3 classes: the GGN has rank <= N (C - 1) = 8 < rank=20 (a KeyError
+    before). The low-rank structure holds the top 20 eigenpairs of the dense GGN: its top 8,
+    then zeros, so it reconstructs the GGN exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT).eval()  # P = 31
+    x, t = torch.randn(4, 3, dtype=DT), torch.randint(0, 3, (4,))
+    G = ref_ggn(model, ce_sample, 1 / 4, [(x, t)])
+    L = ck.ggn(model, nn.CrossEntropyLoss(), (x, t), structure="lowrank")
+    assert tuple(L.U.shape) == (31, 20)
+    assert_close(L.lam, _top(G, 20), rtol=1e-8, atol_scale=1e-12, what="lowrank eigenvalues")
+    assert_close(L.U.T @ L.U, torch.eye(20, dtype=DT), rtol=0, atol_scale=1e-8, what="U^T U")
+    assert_close(G @ L.U, L.U * L.lam, rtol=1e-6, what="G U = U diag(lam)")
+    assert_close(L.to_dense(), G, rtol=1e-8, what="lowrank reconstruction")
+
+
+def test_k_beyond_the_dimension_and_max_iter_below_k_are_clear_errors():
+    A = torch.diag(torch.arange(1.0, 7.0, dtype=DT))
+    with pytest.raises(ck.CurvkitValueError, match="k=7 exceeds the operator's dimension 6"):
+        ck.top_eigenvalues(A, k=7)
+    with pytest.raises(ck.CurvkitValueError, match="max_iter must be an int >= k=4"):
+        ck.top_eigenvalues(A, k=4, max_iter=2)
+
+
 # --------------------------------------------------------------------------------------------
 # estimate_trace
 # --------------------------------------------------------------------------------------------

@@ -36,11 +36,23 @@ def _orthogonalize(v: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def _lanczos(op: LinearOperator, v0: torch.Tensor, steps: int, on_step=None):
+def _lanczos(
+    op: LinearOperator,
+    v0: torch.Tensor,
+    steps: int,
+    on_step=None,
+    *,
+    restart: bool = False,
+    generator: torch.Generator | None = None,
+):
     """Lanczos with full reorthogonalisation: (Q (m, n), alpha (m,), beta (m,)), m <= steps.
 
     The basis is stored row by row (contiguous rows make the projections fast).
-    ``on_step(Q, alpha, beta)`` may return True to stop early."""
+    ``on_step(Q, alpha, beta)`` may return True to stop early. At a breakdown (β ≈ 0: the
+    basis spans an invariant subspace, whose Ritz values are exact) it stops, or with
+    ``restart`` goes on from a random vector (from ``generator``) orthogonal to the basis:
+    β = 0 there keeps Qᵀ A Q tridiagonal, and the new vectors reach the eigenvalues the first
+    start missed (a repeated eigenvalue's other copies, a low-rank operator's zeros)."""
     n = op.shape[0]
     check_bytes(
         f"a Lanczos basis of {steps} vectors of size {n}",
@@ -67,16 +79,25 @@ def _lanczos(op: LinearOperator, v0: torch.Tensor, steps: int, on_step=None):
         w = _orthogonalize(w, Q[: j + 1])
         beta[j] = w.norm()
         m = j + 1
+        broke = bool(beta[j] <= 1e-12 * alpha[:m].abs().max().clamp_min(1e-30))
+        if broke:
+            beta[j] = 0  # invariant subspace found: its Ritz values are exact
         if on_step is not None and on_step(Q[:m], alpha[:m], beta[:m]):
             return Q[:m], alpha[:m], beta[:m]
-        if beta[j] <= 1e-12 * alpha[: j + 1].abs().max().clamp_min(1e-30):
-            return Q[:m], alpha[:m], beta[:m]  # invariant subspace found: exact
-        q = w / beta[j]
+        if broke and not restart:
+            return Q[:m], alpha[:m], beta[:m]
+        if broke:
+            w = _orthogonalize(_random_vector(op, generator), Q[:m])
+        q = w / w.norm()
     return Q, alpha, beta
 
 
+def _random_vector(op: LinearOperator, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(op.shape[0], generator=generator, dtype=op.dtype).to(op.device)
+
+
 def _start_vector(op: LinearOperator, generator: torch.Generator | None) -> torch.Tensor:
-    v = torch.randn(op.shape[0], generator=generator, dtype=op.dtype).to(op.device)
+    v = _random_vector(op, generator)
     hint = op._start_direction()
     if hint is not None:
         norm = hint.norm()
@@ -124,8 +145,11 @@ def top_eigenvalues(
     the distance to the nearest other Ritz value θⱼ less its residual rⱼ (the eigenvalue θⱼ
     stands for may lie that much closer); the iteration stops once errᵢ ≤ tol·|θᵢ| for all k —
     no iteration count to tune. (Like every Krylov method it cannot see an eigenvalue whose
-    eigenvector the start vector misses; a random start makes that improbable.) Structured
-    operators (KFAC, diagonal, blocks, low-rank) answer exactly from their structure instead.
+    eigenvector the start vector misses; a random start makes that improbable.) When the
+    Krylov space is exhausted before k values exist (fewer than k distinct eigenvalues, or a
+    rank below k) it goes on from a fresh random vector orthogonal to it, which finds the
+    repeated eigenvalues and the zeros. Structured operators (KFAC, diagonal, blocks,
+    low-rank) answer exactly from their structure instead.
 
     The start vector ``v0`` defaults to a random vector (from ``generator``) plus, for a Hessian
     operator from ``ck.hessian``, the loss gradient at equal norm: the gradient lies mostly in
@@ -138,6 +162,10 @@ def top_eigenvalues(
     """
     op = _as_operator(op)
     n = op.shape[0]
+    if isinstance(k, int) and k > n:
+        raise CurvkitValueError(
+            f"k={k} exceeds the operator's dimension {n}: it has only {n} eigenvalues."
+        )
     if not isinstance(k, int) or not 1 <= k <= n:
         raise CurvkitValueError(f"k must be an int in [1, {n}], got {k!r}.")
     if tol <= 0:
@@ -145,14 +173,16 @@ def top_eigenvalues(
     if hasattr(op, "top_eigenpairs"):  # structured: exact from the structure, no iteration
         vals, vecs = op.top_eigenpairs(k)
         return (vals, vecs) if eigenvectors else vals
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
+        raise CurvkitValueError(
+            f"max_iter must be an int >= k={k} (one product per Ritz value), got {max_iter!r}."
+        )
     max_iter = min(n, max_iter or max(4 * k + 60, 300))
     v0 = _start_vector(op, generator) if v0 is None else _checked_start(v0, op)
     state: dict = {}
 
     def converged(Q, alpha, beta):
         m = alpha.numel()
-        if m < k:
-            return False
         theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
         theta, S = theta.flip(0), S.flip(1)
         r = (beta[m - 1] * S[m - 1, :]).abs()
@@ -162,13 +192,15 @@ def top_eigenvalues(
             d.fill_diagonal_(math.inf)
             gaps = d.min(1).values
         gaps[m - 1] = 0  # nothing is known below the lowest Ritz value: its bound is r alone
-        err = torch.minimum(r, r.square() / gaps)
+        err = torch.fmin(r, r.square() / gaps)  # fmin: r = 0 (a breakdown) is exact, not 0/0
         state.update(theta=theta, S=S, err=err)
-        return bool((err[:k] <= tol * theta[:k].abs()).all())
+        return m >= k and bool((err[:k] <= tol * theta[:k].abs()).all())
 
-    Q, alpha, beta = _lanczos(op, v0, max_iter, on_step=converged)
-    if "theta" not in state or Q.shape[0] != state["S"].shape[0]:
-        converged(Q, alpha, beta)
+    # restart: a breakdown before k Ritz values (an invariant subspace of dimension < k: fewer
+    # than k distinct eigenvalues, or a rank below k) goes on from a fresh random vector
+    Q, alpha, beta = _lanczos(
+        op, v0, max_iter, on_step=converged, restart=True, generator=generator
+    )
     theta, S, err = state["theta"], state["S"], state["err"]
     if not bool((err[:k] <= tol * theta[:k].abs()).all()) and Q.shape[0] < n:
         import warnings
