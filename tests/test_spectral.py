@@ -349,3 +349,74 @@ def test_estimate_diagonal_is_unbiased_and_converges():
     # a diagonal matrix is recovered exactly by any Rademacher probe
     D = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
     assert_close(ck.estimate_diagonal(D, num_matvecs=3, generator=_gen(4)), D.diagonal())
+
+
+# --------------------------------------------------------------------------------------------
+# operators: logdet / solve / inverse need a positive definite operator
+# --------------------------------------------------------------------------------------------
+def _indefinite_operators():
+    """Every structure with a logdet, each with smallest eigenvalue -0.5."""
+    from curvkit.operators.blocks import DenseBlock, DiagBlock, KronBlock
+    from curvkit.operators.structured import BlockDiagonalOperator
+
+    d = torch.tensor([2.0, -0.5, 1.0], dtype=DT)
+    M = _with_spectrum(torch.tensor([3.0, 1.0, -0.5, 0.25], dtype=DT), seed=22)
+    B = torch.diag(torch.tensor([1.0, -0.5], dtype=DT))
+    Af = torch.diag(torch.tensor([1.0, 0.5], dtype=DT))  # kron eigenvalues 1, 0.5, -0.5, -0.25
+    idx = [torch.arange(0, 3), torch.arange(3, 7), torch.arange(7, 11)]
+    U, _ = torch.linalg.qr(torch.randn(11, 3, generator=_gen(23), dtype=DT))
+    return {
+        "diag": BlockDiagonalOperator([DiagBlock(d)], [idx[0]], 3),
+        "block": BlockDiagonalOperator([DiagBlock(d.abs()), DenseBlock(M)], idx[:2], 7),
+        "kron": BlockDiagonalOperator(
+            [
+                DiagBlock(d.abs()),
+                DenseBlock(M @ M + torch.eye(4, dtype=DT)),
+                KronBlock.from_factors(B, Af),
+            ],
+            idx,
+            11,
+        ),
+        "lowrank": ck.LowRankOperator(U, torch.tensor([2.0, 1.0, -1.5], dtype=DT), shift=1.0),
+    }
+
+
+@pytest.mark.parametrize("name", ["diag", "block", "kron", "lowrank"])
+def test_logdet_of_an_indefinite_operator_is_a_clear_error(name):
+    """log of a negative eigenvalue: logdet was NaN without a word, while solve and inverse
+    raised. All three now raise the same error: expected, got, what to do."""
+    op = _indefinite_operators()[name]
+    expected = r"positive definite.*indefinite \(smallest eigenvalue -0\.5\).*add_identity"
+    with pytest.raises(ck.CurvkitValueError, match=expected):
+        op.logdet()
+    with pytest.raises(ck.CurvkitValueError, match=expected):
+        op.solve(torch.ones(op.shape[0], dtype=DT))
+    with pytest.raises(ck.CurvkitValueError, match=expected):
+        op.inverse()
+    damped = op.add_identity(0.75)  # the advised delta > 0.5
+    assert_close(damped.logdet(), torch.logdet(damped.to_dense()), what=f"{name} damped logdet")
+
+
+def test_logdet_of_a_singular_operator_is_a_clear_error():
+    from curvkit.operators.blocks import DiagBlock
+    from curvkit.operators.structured import BlockDiagonalOperator
+
+    op = BlockDiagonalOperator(
+        [DiagBlock(torch.tensor([1.0, 0.0], dtype=DT))], [torch.arange(2)], 2
+    )
+    with pytest.raises(ck.CurvkitValueError, match=r"singular \(smallest eigenvalue 0\)"):
+        op.logdet()
+    U = torch.eye(3, 2, dtype=DT)
+    with pytest.raises(ck.CurvkitValueError, match="singular"):  # undamped: 0 off span(U)
+        ck.LowRankOperator(U, torch.tensor([2.0, 1.0], dtype=DT)).logdet()
+
+
+def test_logdet_of_an_indefinite_hessian_diag_is_a_clear_error():
+    """The public path of the report: ck.hessian(..., structure="diag") with a negative
+    diagonal entry."""
+    c = mlp_case()
+    D = ck.hessian(c.model, c.loss_fn, c.data, structure="diag")
+    low = D.diagonal().min().item()
+    assert low < 0
+    with pytest.raises(ck.CurvkitValueError, match="indefinite.*add_identity.*ck.ggn"):
+        D.logdet()

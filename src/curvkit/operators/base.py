@@ -13,6 +13,22 @@ import torch
 from ..errors import CurvkitTypeError, CurvkitValueError
 
 
+def check_positive_definite(eigenvalues: torch.Tensor, what: str) -> None:
+    """Raise a clear error unless every eigenvalue is > 0: the one check behind every
+    structure's ``logdet``, ``solve``, ``inverse`` and ``sample`` (log, 1/λ or 1/√λ of an
+    eigenvalue <= 0 is NaN or inf, never an answer)."""
+    low = float(eigenvalues.min())
+    if low > 0:
+        return
+    got = "singular" if low == 0 else "indefinite"
+    hint = ", or use the GGN (ck.ggn), positive semidefinite by construction" if low < 0 else ""
+    raise CurvkitValueError(
+        f"{what} needs a positive definite operator, but this one is {got} (smallest "
+        f"eigenvalue {low:.3g}). Add damping first: op.add_identity(delta) with delta > "
+        f"{max(-low, 0.0):.3g}{hint}."
+    )
+
+
 class LinearOperator:
     """A square ``(n, n)`` linear map applied by ``op @ v`` with ``v`` of shape (n,) or (n, k)."""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import check_positive_definite
+
 
 class Block:
     size: int
@@ -27,9 +29,6 @@ class Block:
         """The min(k, size) largest eigenvalues and their eigenvectors (size, ·)."""
         ...
 
-    def logdet(self) -> torch.Tensor:
-        return self.eigenvalues().log().sum()
-
     def trace(self) -> torch.Tensor:
         return self.diagonal().sum()
 
@@ -37,13 +36,8 @@ class Block:
 def _pow(lam: torch.Tensor, p: float) -> torch.Tensor:
     if p == 1:
         return lam
-    if p < 0 and bool((lam <= 0).any()):
-        from ..errors import CurvkitValueError
-
-        raise CurvkitValueError(
-            "the operator is singular or indefinite (an eigenvalue is <= 0), so its inverse "
-            "or inverse square root does not exist. Add damping first: op.add_identity(delta)."
-        )
+    if p < 0:
+        check_positive_definite(lam, "solve / inverse / sample")
     return lam.pow(p)
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..errors import CurvkitValueError
-from .base import LinearOperator
+from .base import LinearOperator, check_positive_definite
 
 
 class LowRankOperator(LinearOperator):
@@ -39,8 +39,6 @@ class LowRankOperator(LinearOperator):
     def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored eigenpairs (k ≤ rank), shifted; descending."""
         if k > self.lam.numel():
-            from ..errors import CurvkitValueError
-
             raise CurvkitValueError(
                 f"this low-rank operator holds {self.lam.numel()} eigenpairs; asked for {k}. "
                 "Build it with a larger rank=."
@@ -51,20 +49,20 @@ class LowRankOperator(LinearOperator):
     def add_identity(self, delta: float) -> LowRankOperator:
         return LowRankOperator(self.U, self.lam, self.shift + float(delta))
 
-    def _check_invertible(self):
-        if self.shift <= 0 or bool((self.lam + self.shift <= 0).any()):
-            raise CurvkitValueError(
-                "a low-rank operator is singular off its top-k subspace; add damping first: "
-                "op.add_identity(delta) with delta > 0."
-            )
+    def _check_invertible(self, what: str):
+        """Off its top-k subspace the operator is shift·I, so the shift counts as an eigenvalue
+        (the closed forms divide by it): undamped (shift 0), the operator is singular."""
+        check_positive_definite(
+            torch.cat([self.lam + self.shift, self.lam.new_full((1,), self.shift)]), what
+        )
 
     def logdet(self):
-        self._check_invertible()
+        self._check_invertible("logdet")
         P, k = self.shape[0], self.lam.numel()
         return (self.lam + self.shift).log().sum() + (P - k) * math.log(self.shift)
 
     def _power(self, p: float, V: torch.Tensor) -> torch.Tensor:
-        self._check_invertible()
+        self._check_invertible("solve / sample")
         s = self.shift**p
         coef = (self.lam + self.shift).pow(p) - s
         return self.U @ (coef[:, None] * (self.U.T @ V)) + s * V
@@ -75,7 +73,7 @@ class LowRankOperator(LinearOperator):
         return X[:, 0] if b.dim() == 1 else X
 
     def inverse(self) -> LowRankOperator:
-        self._check_invertible()
+        self._check_invertible("inverse")
         s = 1.0 / self.shift
         return LowRankOperator(self.U, 1.0 / (self.lam + self.shift) - s, s)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CurvkitValueError
-from .base import LinearOperator
+from .base import LinearOperator, check_positive_definite
 from .blocks import Block
 
 
@@ -74,7 +74,9 @@ class BlockDiagonalOperator(LinearOperator):
         return top.values, V
 
     def logdet(self) -> torch.Tensor:
-        return sum(b.logdet() for b in self.blocks)
+        lam = torch.cat([b.eigenvalues() for b in self.blocks])
+        check_positive_definite(lam, "logdet")
+        return lam.log().sum()
 
     def add_identity(self, delta: float) -> BlockDiagonalOperator:
         """A + δI, same structure (damping, or an isotropic Gaussian prior's precision)."""
