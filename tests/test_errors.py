@@ -156,6 +156,28 @@ def test_dropout_in_train_mode():
     )
 
 
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, dropout=0.3, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_attention_dropout_in_train_mode():
+    """MultiheadAttention's dropout is a float, not a Dropout module."""
+    model = Attention().to(DT).train()
+    x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    for structure in ("dense", "operator", "diag"):
+        expect_error(
+            ValueError,
+            ("eval", "train", "MultiheadAttention"),
+            lambda s=structure: ck.ggn(model, nn.MSELoss(), (x, y), structure=s),
+        )
+
+
 def test_batchnorm_in_train_mode():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(DT)
     model.eval()

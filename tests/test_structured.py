@@ -547,6 +547,18 @@ class SharedShift(nn.Module):  # a second input shared by every sample, and a fl
         return self.c(torch.tanh(self.ln(self.a(u) * shift) * gain))
 
 
+def test_block_of_a_model_that_is_one_layer():
+    """A model's own parameters (``nn.Linear`` as the model) form one module, one block."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    loss = nn.MSELoss()
+    for kind in (ck.hessian, ck.ggn):
+        got = kind(model, loss, (x, y), structure="block", progress=False)
+        assert len(got.labels) == 1 and got.labels[0].startswith("Linear"), got.labels
+        assert_close(got.to_dense(), ref_hessian(model, loss, [(x, y)]), what=kind.__name__)
+
+
 def test_fallback_rows_keep_shared_inputs_whole():
     torch.manual_seed(0)
     model = SharedShift().to(DT)

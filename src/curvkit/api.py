@@ -29,7 +29,10 @@ STRUCTURES = ("dense", "operator", "diag", "kron", "ekfac", "block", "lowrank")
 
 def _check_mode(model: nn.Module) -> None:
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
+        rate = mod.p if isinstance(mod, nn.modules.dropout._DropoutNd) else None
+        if isinstance(getattr(mod, "dropout", None), float):  # nn.MultiheadAttention's own
+            rate = mod.dropout
+        if rate is not None and mod.training and rate > 0:
             raise CurvkitValueError(
                 f"{name or 'the model'} ({type(mod).__name__}) is in training mode: every pass "
                 "would draw a new mask, so the curvature is of a random function. Call "

@@ -26,8 +26,13 @@ def _fallback_groups(problem: Problem, covered_names: set[str]) -> OrderedDict:
     groups: OrderedDict[str, list[str]] = OrderedDict()
     for name in problem.layout.names:
         if name not in covered_names:
-            groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+            groups.setdefault(_module_of(name), []).append(name)
     return groups
+
+
+def _module_of(name: str) -> str:
+    """The module a parameter belongs to: its path, or "" for the model's own parameters."""
+    return name.rpartition(".")[0]
 
 
 def _names_of(layers, layout) -> set[str]:
@@ -124,7 +129,8 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         st = state["fb"][gname][0]
         blocks.append(DenseBlock(st * scale) if st.dim() == 2 else DiagBlock(st * scale))
         index.append(_group_index(layout, names, problem.device))
-        labels.append(f"{gname} ({'exact dense block' if st.dim() == 2 else 'exact diagonal'})")
+        kind = "exact dense block" if st.dim() == 2 else "exact diagonal"
+        labels.append(f"{gname or type(problem.forward.model).__name__} ({kind})")
     return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
 
 
@@ -192,7 +198,7 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
             M[:, start : start + cols.numel()] = problem.matmat(E)[idx]
         blocks.append(DenseBlock(M))
         index.append(idx)
-        labels.append(f"{gname} (exact dense block)")
+        labels.append(f"{gname or type(problem.forward.model).__name__} (exact dense block)")
     return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
 
 
@@ -204,7 +210,7 @@ def _check_memory(problem: Problem, structure: str) -> None:
     sizes: dict[str, int] = {}  # per module; for kron, only modules without a rule
     for name, t in zip(problem.layout.names, problem.layout.tensors):
         if structure == "block" or id(t) not in ruled:
-            module = name.rpartition(".")[0] or name
+            module = _module_of(name)
             sizes[module] = sizes.get(module, 0) + t.numel()
     if structure == "block":
         need, what = sum(n * n for n in sizes.values()), f"{len(sizes)} dense blocks"
