@@ -106,6 +106,16 @@ def test_empty_data():
     )
 
 
+def test_one_shot_iterator_used_up_by_an_earlier_pass():
+    x, y = _regression_batch()
+    batches = ((x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2))
+    G = ck.ggn(_mlp(), nn.MSELoss(), batches, structure="operator")
+    v = torch.randn(G.shape[0], dtype=DT)
+    G @ v  # the first pass consumes the generator
+    err = expect_error(ValueError, ("one-shot",), lambda: G @ v)
+    assert "used up" in str(err), err
+
+
 def test_params_with_a_tensor_not_in_the_model():
     model = _mlp()
     stranger = nn.Parameter(torch.zeros(4, dtype=DT))

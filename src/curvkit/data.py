@@ -126,6 +126,7 @@ class DataSource:
     def __init__(self, data: Any, device: torch.device):
         self.device = device
         self._cached: Batch | None = None
+        self._passes = 0  # complete passes over the data
         looks_like_one_batch = isinstance(data, torch.Tensor) or (
             isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor)
         )
@@ -153,8 +154,16 @@ class DataSource:
         for i, raw in enumerate(self._batches):
             yield _validate(raw, i, self.device)
             count += 1
+        if count == 0 and self._passes > 0 and iter(self._batches) is self._batches:
+            raise CurvkitValueError(
+                f"data is a one-shot iterator ({type(self._batches).__name__}) that an earlier "
+                "pass used up; curvkit makes several passes (structured fits, products, "
+                "eigenvalues). Pass something it can iterate again: a list of batches or a "
+                "DataLoader."
+            )
         if count == 0:
             raise CurvkitValueError("data is empty: it yielded no batch. " + _PAIR_HELP)
+        self._passes += 1
 
 
 def pick_output(raw: Any, output_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
