@@ -9,10 +9,12 @@ here is plain (loop-based, double-backward) ``torch.autograd``.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FlatModel, assert_close, ref_ggn, ref_hessian, rel_error
+from helpers import FlatModel, assert_close, ref_ef, ref_ggn, ref_hessian, rel_error
 from torch import nn
 
 import curvkit as ck
@@ -133,3 +135,81 @@ def test_mean_callable_is_checked_on_the_first_batch_with_two_samples():
         ck.hessian(model, mean_loss, batches)
     result = ck.hessian(model, mean_loss, batches, reduction="mean")
     assert_close(result, ref_hessian(model, mean_loss, batches), what="hessian")
+
+
+class _WeightedCE(nn.CrossEntropyLoss):
+    """A subclass: curvkit takes it as a generic torch loss, whose mean is still weighted."""
+
+
+def _mean_loss_cases():
+    n, c = 7, 4
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    bits = torch.randint(0, 2, (n, c), generator=gen).to(DT)
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=DT)
+    cases = [
+        ("multilabel_soft_margin", nn.MultiLabelSoftMarginLoss(), 4, bits),
+        ("soft_margin", nn.SoftMarginLoss(), 4, 2 * bits - 1),
+        ("poisson_nll", nn.PoissonNLLLoss(), 4, torch.rand(n, c, generator=gen, dtype=DT)),
+        ("kl_div_batchmean", nn.KLDivLoss(reduction="batchmean"), 4, bits.softmax(1)),
+        ("ce_subclass", _WeightedCE(weight=weight, ignore_index=1), 4, labels),
+    ]
+    if hasattr(nn, "LinearCrossEntropyLoss"):
+        lce = nn.LinearCrossEntropyLoss(5, c, weight=weight, ignore_index=1).to(DT)
+        cases.append(("linear_ce", lce, 5, labels))
+    return [pytest.param(*case, id=case[0]) for case in cases]
+
+
+def _two_uneven_batches(width: int, y: torch.Tensor):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, width)).to(DT)
+    x = torch.randn(y.shape[0], 3, dtype=DT)
+    return model, [(x[:3], y[:3]), (x[3:], y[3:])]
+
+
+@pytest.mark.parametrize("name,loss_fn,width,y", _mean_loss_cases())
+def test_torch_loss_means_divide_by_torchs_denominator(name, loss_fn, width, y):
+    """reduction='mean' over two uneven batches is the module's mean over all samples: per
+    sample for the multi-label losses (each ℓₙ averages over classes), per element, per sample
+    for 'batchmean', by class weight for cross-entropy-like losses."""
+    model, batches = _two_uneven_batches(width, y)
+    result = ck.hessian(model, loss_fn, batches)
+    assert_close(result, ref_hessian(model, loss_fn, batches), what=name)
+
+
+@pytest.mark.parametrize(
+    "loss_fn,y",
+    [
+        (nn.MultiLabelMarginLoss(), torch.tensor([[3, 0, -1, 1]] * 7)),  # -1 ends the labels
+        (
+            nn.MultiMarginLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=DT)),
+            torch.arange(7) % 4,
+        ),
+    ],
+    ids=["multilabel_margin", "multi_margin"],
+)
+def test_margin_loss_means_are_over_samples(loss_fn, y):
+    """Margin losses have no second derivative in torch; their empirical Fisher shows the mean
+    is over the 7 samples (each ℓₙ averages over the 4 classes), not over 28 elements."""
+    model, batches = _two_uneven_batches(4, y)
+    summed = copy.copy(loss_fn)
+    summed.reduction = "sum"
+    expected = ref_ef(model, summed, 1 / 7, batches)
+    assert_close(ck.ef(model, loss_fn, batches), expected, what=type(loss_fn).__name__)
+
+
+def test_torch_loss_module_with_another_mean_is_refused():
+    """A loss module outside torch whose mean is not over the targets' elements: refused, not
+    scaled wrongly."""
+
+    class SampleMeanMSE(nn.Module):
+        reduction = "mean"
+
+        def forward(self, out, t):
+            per_sample = (out - t).square().sum(1)
+            return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+    model = nn.Linear(3, 2).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    with pytest.raises(ck.CurvkitError, match="divides its sum by 5 on this batch, not by the 10"):
+        ck.ggn(model, SampleMeanMSE(), (x, y))

@@ -15,6 +15,7 @@ Outputs are handled flattened per sample, fₙ ∈ ℝᶜ with C = prod(output.s
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -142,6 +143,21 @@ def _categorical(p: torch.Tensor, gen) -> torch.Tensor:
     return (cdf <= u * cdf[:, -1:]).sum(-1).clamp_(max=p.shape[-1] - 1)
 
 
+def _rows(tgt: torch.Tensor) -> float:
+    """The number of losses ℓ when each averages over dim 1 (the classes) of its targets: one
+    per sample and position, one for unbatched targets."""
+    return float(tgt.numel() // tgt.shape[1]) if tgt.dim() > 1 else 1.0
+
+
+def _class_total(tgt: torch.Tensor, weight: torch.Tensor | None, ignore_index: int) -> float:
+    """torch's mean denominator for class-index targets: the targets not ignored, or their
+    total class weight."""
+    valid = tgt != ignore_index
+    if weight is None:
+        return float(valid.sum())
+    return float(weight[tgt[valid]].sum())
+
+
 def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
     if out.shape != tgt.shape:
         raise CurvkitValueError(
@@ -175,11 +191,8 @@ class CrossEntropy(Loss):
 
     def normalizer(self, tgt):
         if not self._index_targets(tgt):
-            return float(tgt.numel() // tgt.shape[1]) if tgt.dim() > 1 else 1.0
-        valid = tgt != self.ignore_index
-        if self.weight is None:
-            return float(valid.sum())
-        return float(self.weight[tgt[valid]].sum())
+            return _rows(tgt)
+        return _class_total(tgt, self.weight, self.ignore_index)
 
     def check(self, out, tgt):
         if out.dim() < 2:
@@ -382,23 +395,65 @@ class BCE(Loss):
         return torch.bernoulli(out, generator=gen)
 
 
+# torch losses whose ℓₙ already averages over the classes of sample n: the mean is over samples
+_PER_SAMPLE = (nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss)
+# torch losses whose mean over class-index targets is weighted like CrossEntropyLoss's
+_CLASS_INDEX = tuple(
+    c
+    for c in (nn.CrossEntropyLoss, nn.NLLLoss, getattr(nn, "LinearCrossEntropyLoss", None))
+    if c is not None
+)
+
+
 class TorchLoss(Loss):
-    """Any other torch loss module with a ``reduction``: evaluated with ``reduction='sum'``;
-    its mean divides by the number of elements of the unreduced loss."""
+    """Any other torch loss module with a ``reduction``: evaluated with ``reduction='sum'``.
+
+    Its mean divides by torch's denominator: the number of elements of the unreduced loss (the
+    targets' elements, or one per sample for the multi-label losses, whose ℓₙ already averages
+    over classes), the batch size for ``'batchmean'``, or for class-index targets of a
+    cross-entropy-like loss their count or total class weight. The first batch with a nonzero
+    mean checks that against the module's own mean (a module outside torch may differ)."""
 
     def __init__(self, module: nn.Module):
         red = module.reduction
         super().__init__("mean" if red in ("mean", "batchmean") else red)
         self.name = type(module).__name__
         self._batchmean = red == "batchmean"
+        self._module = module
         self._summed = copy.copy(module)
         self._summed.reduction = "sum"
+        self._checked = self.reduction == "sum"
 
     def sum_loss(self, out, tgt):
         return self._summed(out, tgt)
 
     def normalizer(self, tgt):
-        return float(tgt.shape[0] if self._batchmean else tgt.numel())
+        m = self._summed
+        if self._batchmean:
+            return float(tgt.shape[0])
+        if isinstance(m, _CLASS_INDEX) and not tgt.is_floating_point():
+            return _class_total(tgt, m.weight, m.ignore_index)
+        if isinstance(m, _PER_SAMPLE + _CLASS_INDEX):  # class probabilities: one ℓ per row
+            return _rows(tgt)
+        return float(tgt.numel())
+
+    def check(self, out, tgt):
+        if self._checked:
+            return
+        with torch.no_grad():
+            total, mean = float(self._summed(out, tgt)), float(self._module(out, tgt))
+        if mean == 0 or not math.isfinite(total / mean):
+            return  # nothing to compare on this batch
+        self._checked = True
+        norm = self.normalizer(tgt)
+        if abs(total - mean * norm) > 1e-3 * abs(total):
+            raise CurvkitValueError(
+                f"{self.name}(reduction={self._module.reduction!r}) divides its sum by "
+                f"{total / mean:.6g} on this batch, not by the {norm:g} curvkit takes for it, so "
+                "curvkit cannot tell what its mean averages over. Build it with "
+                "reduction='sum', or pass a callable (output, target) -> mean over samples with "
+                "reduction='mean'."
+            )
 
 
 class CallableLoss(Loss):
