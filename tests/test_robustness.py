@@ -213,3 +213,17 @@ def test_torch_loss_module_with_another_mean_is_refused():
     x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
     with pytest.raises(ck.CurvkitError, match="divides its sum by 5 on this batch, not by the 10"):
         ck.ggn(model, SampleMeanMSE(), (x, y))
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag", "operator"])
+@pytest.mark.parametrize("curvature", [ck.hessian, ck.ggn], ids=["hessian", "ggn"])
+def test_loss_without_second_derivatives_is_refused_clearly(curvature, structure):
+    """torch has no derivative of multi_margin_loss_backward: a CurvkitError naming the op and
+    pointing to ck.ef, not torch's raw RuntimeError, whichever route computes the curvature."""
+    model, batches = _two_uneven_batches(4, torch.arange(7) % 4)
+    with pytest.raises(
+        ck.CurvkitError, match=r"no derivative of aten::multi_margin_loss_backward.*ck\.ef"
+    ):
+        result = curvature(model, nn.MultiMarginLoss(), batches, structure=structure)
+        if structure == "operator":
+            result @ torch.ones(result.shape[1], dtype=DT)

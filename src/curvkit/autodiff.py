@@ -8,11 +8,13 @@ what the model needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from torch.func import jvp, vjp
 
-from .errors import CurvkitTypeError
+from .errors import CurvkitTypeError, CurvkitValueError
 
 
 class ForwardADUnsupported(Exception):
@@ -36,7 +38,30 @@ def translate(e: BaseException) -> BaseException | None:
             "or generate_vmap_rule = True). Rewrite the Function in that style: see 'Extending "
             "torch.func with autograd.Function' in the PyTorch docs."
         )
+    missing = re.search(r"derivative for (\S+) is not implemented", msg)
+    if isinstance(e, RuntimeError) and missing:
+        op = missing.group(1)
+        return CurvkitValueError(
+            f"torch implements no derivative of {op}, so second derivatives through "
+            f"{op.removesuffix('_backward')} cannot be taken. ck.hessian needs second "
+            "derivatives of the model and the loss, ck.ggn those of the loss only; ck.ef (and "
+            "ck.fisher, for a loss with a predictive distribution) needs first derivatives only. "
+            "Use one of those, or a twice-differentiable loss or op instead (e.g. "
+            "CrossEntropyLoss for a margin loss)."
+        )
     return None
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Re-raise a torch error that :func:`translate` knows as its clear curvkit error."""
+    try:
+        yield
+    except RuntimeError as e:
+        nice = translate(e)
+        if nice is None:
+            raise
+        raise nice from e
 
 
 def linear_map(f: Callable, x, forward: bool) -> Callable:

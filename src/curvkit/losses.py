@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from .autodiff import hessian_map, is_forward_ad_error
+from .autodiff import hessian_map, is_forward_ad_error, translated
 from .errors import CurvkitTypeError, CurvkitValueError
 
 
@@ -83,14 +83,15 @@ class Loss:
         # Samples are independent, so one tangent e_c broadcast over all samples gives column c
         # of every sample's Hessian at once.
         eye = torch.eye(c, dtype=flat.dtype, device=flat.device)
-        try:
-            hv = hessian_map(g, flat, forward=True)
-            cols = vmap(lambda e: hv(e.expand(n, c)))(eye)  # (C, N, C)
-        except (NotImplementedError, RuntimeError) as e:
-            if not is_forward_ad_error(e):
-                raise
-            hv = hessian_map(g, flat, forward=False)
-            cols = vmap(lambda e: hv(e.expand(n, c)))(eye)
+        with translated():  # e.g. a loss without second derivatives, said plainly
+            try:
+                hv = hessian_map(g, flat, forward=True)
+                cols = vmap(lambda e: hv(e.expand(n, c)))(eye)  # (C, N, C)
+            except (NotImplementedError, RuntimeError) as e:
+                if not is_forward_ad_error(e):
+                    raise
+                hv = hessian_map(g, flat, forward=False)
+                cols = vmap(lambda e: hv(e.expand(n, c)))(eye)
         return cols.permute(1, 2, 0)
 
     def output_matrix(self, kind: str, out, tgt, mc_samples: int = 1, generator=None):
