@@ -116,6 +116,29 @@ def test_one_shot_iterator_used_up_by_an_earlier_pass():
     assert "used up" in str(err), err
 
 
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        hidden = torch.utils.checkpoint.checkpoint(
+            lambda h: torch.tanh(self.a(h)), x, use_reentrant=False
+        )
+        return self.b(hidden)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag", "kron"])
+def test_activation_checkpointing_is_named(structure):
+    kind = ck.ggn if structure == "kron" else ck.hessian
+    model = Checkpointed().to(DT)
+    expect_error(
+        TypeError,
+        ("checkpoint",),
+        lambda: kind(model, nn.MSELoss(), _regression_batch(), structure=structure),
+    )
+
+
 def test_params_with_a_tensor_not_in_the_model():
     model = _mlp()
     stranger = nn.Parameter(torch.zeros(4, dtype=DT))

@@ -38,6 +38,13 @@ def translate(e: BaseException) -> BaseException | None:
             "or generate_vmap_rule = True). Rewrite the Function in that style: see 'Extending "
             "torch.func with autograd.Function' in the PyTorch docs."
         )
+    if isinstance(e, RuntimeError) and "saved tensor hooks" in msg:
+        return CurvkitTypeError(
+            "the model uses saved-tensor hooks (activation checkpointing with "
+            "torch.utils.checkpoint, or torch.autograd.graph.saved_tensors_hooks), which the "
+            "torch.func transforms curvkit differentiates with do not support. Turn "
+            "checkpointing off while computing curvature (e.g. a flag your forward() reads)."
+        )
     missing = re.search(r"derivative for (\S+) is not implemented", msg)
     if isinstance(e, RuntimeError) and missing:
         op = missing.group(1)
