@@ -189,10 +189,12 @@ MAX_VOCAB = 4096  # one-hot inputs and a dense (vocab × vocab) factor beyond th
 _VALUE_ATTRIBUTES = frozenset({"T", "H", "mT", "mH", "data", "real", "imag", "_base"})
 
 
-class _Escapes(TorchFunctionMode):
-    """Collects the ids in ``tracked`` of tensors passed to a torch function other than by
-    their own module: while no leaf module runs, or inside another leaf's call (a head that
-    keeps an unregistered reference to a layer). ``running`` is kept by the recording hooks."""
+class _Watch(TorchFunctionMode):
+    """What the probing forward pass sees of every torch call. ``found``: the ids in
+    ``tracked`` of tensors passed to a torch function other than by their own module (while
+    no leaf module runs, or inside another leaf's call: a head that keeps an unregistered
+    reference to a layer); ``running`` is kept by the recording hooks. ``reverse_only``: see
+    below."""
 
     def __init__(self, tracked: set[int]):
         super().__init__()
@@ -339,14 +341,14 @@ class Forward:
         # through its module would miss that use, so such layers take the generic path.
         # It calls the model on detached parameters with grad mode on (no graph is built), so
         # that grad mode switched off inside forward() shows.
-        escapes = _Escapes({id(t) for t in self.params.values()}) if probing else None
+        watch = _Watch({id(t) for t in self.params.values()}) if probing else None
         before: list[int] = []
 
         def pre_hook(mod, args, kwargs):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             before.append(-1 if x is None else x._version)
-            if escapes is not None:
-                escapes.enter(mod)
+            if watch is not None:
+                watch.enter(mod)
 
         def hook(mod, args, kwargs, out):
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -354,15 +356,15 @@ class Forward:
             versions = (-1 if x is None else x._version, -1 if y is None else y._version)
             single = x is not None and len(args) == 1 and not kwargs
             calls.append(Call(mod, x, y, single, versions, before.pop()))
-            if escapes is not None:
-                escapes.exit()
+            if watch is not None:
+                watch.exit()
 
         leaves = [m for m in self.model.modules() if not list(m.children())]
         handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in leaves]
         handles += [m.register_forward_hook(hook, with_kwargs=True) for m in leaves]
         try:
             if probing:
-                with torch.enable_grad(), escapes:
+                with torch.enable_grad(), watch:
                     raw = call_model(self.model, batch.inputs, self._probe_params())
             else:
                 with torch.no_grad():  # the module's own parameters
@@ -385,8 +387,8 @@ class Forward:
             )
             numel += 0 if c.output is None else c.output.numel()
         real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
-        found = frozenset(real[i] for i in escapes.found)
-        probe = (dict(shapes), numel, found, escapes.reverse_only)
+        found = frozenset(real[i] for i in watch.found)
+        probe = (dict(shapes), numel, found, watch.reverse_only)
         batch.probe = self._probe_cache[key] = probe
         return Trace(calls, out)
 
@@ -396,7 +398,7 @@ class Forward:
         return {**every, **self.params}
 
     def reverse_only(self, batch: Batch) -> bool:
-        """Whether jvp would disagree with autograd on this model (see ``_Escapes``)."""
+        """Whether jvp would disagree with autograd on this model (see ``_Watch``)."""
         return self._probe(batch)[3]
 
     def escaped(self, batch: Batch) -> frozenset[int]:
