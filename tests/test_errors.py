@@ -72,6 +72,38 @@ def test_nan_in_inputs(fn):
     expect_error(ValueError, ("nan", "finite"), lambda: fn(_mlp(), nn.CrossEntropyLoss(), (x, t)))
 
 
+@pytest.mark.parametrize("structure", ["dense", "operator", "kron", "diag"])
+def test_float64_data_for_a_float32_model(structure):
+    """The usual torch.from_numpy mistake: torch's "mat1 and mat2 must have the same dtype"
+    came from deep inside the first layer. The message names both dtypes and both casts."""
+    x, t = _ce_batch()  # float64
+    model = _mlp().float()
+
+    def call():  # an operator is lazy: its first product runs the model
+        G = ck.ggn(model, nn.CrossEntropyLoss(), (x, t), structure=structure)
+        return G @ torch.ones(G.shape[0]) if structure == "operator" else G
+
+    err = expect_error(ValueError, ("float64",), call)
+    assert "float32" in str(err) and "x.to(torch.float32)" in str(err), str(err)
+
+
+def test_a_model_that_casts_its_own_inputs_is_not_refused():
+    """Inputs of another dtype are fine when forward() casts them: only a failing forward pass
+    is explained by the mismatch."""
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _mlp()
+
+        def forward(self, x):
+            return self.inner(x.to(DT))
+
+    x, t = _ce_batch()
+    G = ck.ggn(Casting(), nn.CrossEntropyLoss(), (x.float(), t))
+    assert G.dtype == DT
+
+
 def test_inf_in_a_parameter():
     model = _mlp()
     with torch.no_grad():

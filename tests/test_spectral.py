@@ -404,11 +404,30 @@ def test_logdet_of_a_singular_operator_is_a_clear_error():
     op = BlockDiagonalOperator(
         [DiagBlock(torch.tensor([1.0, 0.0], dtype=DT))], [torch.arange(2)], 2
     )
-    with pytest.raises(ck.CurvkitValueError, match=r"singular \(smallest eigenvalue 0\)"):
+    with pytest.raises(ck.CurvkitValueError, match=r"singular \(smallest eigenvalue 0, zero"):
         op.logdet()
     U = torch.eye(3, 2, dtype=DT)
     with pytest.raises(ck.CurvkitValueError, match="singular"):  # undamped: 0 off span(U)
         ck.LowRankOperator(U, torch.tensor([2.0, 1.0], dtype=DT)).logdet()
+
+
+def test_an_eigenvalue_negative_by_rounding_is_called_singular():
+    """A GGN or KFAC block is positive semidefinite, but its eigendecomposition can give -1e-17:
+    that is a singular operator (damp it), not an indefinite one ("use the GGN" would be wrong
+    advice for a GGN)."""
+    from curvkit.operators.blocks import DiagBlock
+    from curvkit.operators.structured import BlockDiagonalOperator
+
+    op = BlockDiagonalOperator(
+        [DiagBlock(torch.tensor([1.0, -1e-17], dtype=DT))], [torch.arange(2)], 2
+    )
+    with pytest.raises(ck.CurvkitValueError, match="zero up to rounding") as err:
+        op.solve(torch.ones(2, dtype=DT))
+    assert "use the GGN" not in str(err.value)
+    with pytest.raises(ck.CurvkitValueError, match=r"indefinite \(smallest eigenvalue -1e-06\)"):
+        BlockDiagonalOperator(
+            [DiagBlock(torch.tensor([1.0, -1e-6], dtype=DT))], [torch.arange(2)], 2
+        ).logdet()
 
 
 def test_logdet_of_an_indefinite_hessian_diag_is_a_clear_error():
@@ -420,3 +439,18 @@ def test_logdet_of_an_indefinite_hessian_diag_is_a_clear_error():
     assert low < 0
     with pytest.raises(ck.CurvkitValueError, match="indefinite.*add_identity.*ck.ggn"):
         D.logdet()
+
+
+@pytest.mark.parametrize("tool", ["top_eigenvalues", "spectral_density"])
+def test_lanczos_tools_refuse_a_nonsymmetric_matrix(tool):
+    """Lanczos on a non-symmetric matrix returned numbers without a word; rounding-level
+    asymmetry (a Hessian from autograd) is still accepted."""
+    A = torch.randn(6, 6, generator=_gen(31), dtype=DT)
+    fn = getattr(ck, tool)
+    with pytest.raises(ck.CurvkitValueError, match=r"symmetric.*\(A \+ A\.T\) / 2"):
+        fn(A)
+    S = A + A.T
+    S[0, 1] += 1e-12  # rounding
+    fn(S)
+    with pytest.raises(ck.CurvkitTypeError, match="floating-point"):
+        fn(torch.eye(3, dtype=torch.long))

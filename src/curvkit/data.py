@@ -206,6 +206,29 @@ def call_model(
         args = inputs
     else:
         args = (inputs,)
-    if params is None:
-        return model(*args, **kwargs)
-    return functional_call(model, dict(params), args, kwargs)
+    try:
+        if params is None:
+            return model(*args, **kwargs)
+        return functional_call(model, dict(params), args, kwargs)
+    except RuntimeError as e:
+        mismatch = _dtype_mismatch(model, inputs, e)
+        if mismatch is None:
+            raise
+        raise mismatch from e
+
+
+def _dtype_mismatch(model: nn.Module, inputs: Any, e: RuntimeError) -> Exception | None:
+    """A clear error for the common failure of float64 data (``torch.from_numpy``) fed to a
+    float32 model, which torch reports deep inside the first layer; None for anything else."""
+    theirs = {t.dtype for t in _tensors(inputs) if t.is_floating_point()}
+    ours = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not theirs or not ours or theirs <= ours:
+        return None
+    short = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    ours_s, theirs_s = sorted(map(short, ours)), sorted(map(short, theirs))
+    return CurvkitValueError(
+        f"the model's parameters are {', '.join(ours_s)} but the data's inputs are "
+        f"{', '.join(theirs_s)}, and the forward pass failed ({str(e).splitlines()[0]}). Cast "
+        f"the inputs (x.to(torch.{ours_s[0]})) or the model (model.to(torch.{theirs_s[0]})) so "
+        "they match."
+    )

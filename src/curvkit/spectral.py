@@ -16,14 +16,29 @@ from .memory import check_bytes
 from .operators.base import DenseOperator, LinearOperator
 
 
-def _as_operator(op) -> LinearOperator:
+def _as_operator(op, symmetric_for: str | None = None) -> LinearOperator:
+    """``op`` as an operator; with ``symmetric_for`` (the tool's name), refuse a square tensor
+    that is not symmetric, since Lanczos would return numbers that mean nothing for it."""
     if isinstance(op, LinearOperator):
         return op
-    if isinstance(op, torch.Tensor):
-        return DenseOperator(op)
-    raise CurvkitTypeError(
-        f"expected a curvkit operator or a square tensor, got {type(op).__name__}."
-    )
+    if not isinstance(op, torch.Tensor):
+        raise CurvkitTypeError(
+            f"expected a curvkit operator or a square tensor, got {type(op).__name__}."
+        )
+    if not op.is_floating_point():
+        raise CurvkitTypeError(f"expected a floating-point matrix, got dtype {op.dtype}.")
+    dense = DenseOperator(op)  # checks that it is square
+    if symmetric_for is not None and op.numel():
+        off = float((op - op.T).abs().max())
+        size = float(op.abs().max())
+        if off > torch.finfo(op.dtype).eps ** 0.5 * size:
+            raise CurvkitValueError(
+                f"{symmetric_for} needs a symmetric matrix (it runs Lanczos), but max |A − Aᵀ| "
+                f"= {off:.3g} against max |A| = {size:.3g}. If the asymmetry is rounding from "
+                "how A was computed, pass (A + A.T) / 2; for a general matrix use "
+                "torch.linalg.eigvals."
+            )
+    return dense
 
 
 def _orthogonalize(v: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -160,7 +175,7 @@ def top_eigenvalues(
     >>> ck.top_eigenvalues(A, k=3).tolist()
     [100.0, 99.0, 98.0]
     """
-    op = _as_operator(op)
+    op = _as_operator(op, "top_eigenvalues")
     n = op.shape[0]
     if isinstance(k, int) and k > n:
         raise CurvkitValueError(
@@ -283,7 +298,7 @@ def spectral_density(
 ):
     """Stochastic Lanczos quadrature: (x (grid,), density (grid,)) — a Gaussian-smoothed
     eigenvalue density that integrates to 1 (Ghorbani et al., 2019)."""
-    op = _as_operator(op)
+    op = _as_operator(op, "spectral_density")
     n = op.shape[0]
     nodes, weights = [], []
     for _ in range(num_probes):

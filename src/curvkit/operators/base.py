@@ -16,16 +16,25 @@ from ..errors import CurvkitTypeError, CurvkitValueError
 def check_positive_definite(eigenvalues: torch.Tensor, what: str) -> None:
     """Raise a clear error unless every eigenvalue is > 0: the one check behind every
     structure's ``logdet``, ``solve``, ``inverse`` and ``sample`` (log, 1/λ or 1/√λ of an
-    eigenvalue <= 0 is NaN or inf, never an answer)."""
+    eigenvalue <= 0 is NaN or inf, never an answer).
+
+    A negative eigenvalue within rounding of zero (a KFAC or GGN block, positive semidefinite
+    by construction, whose eigendecomposition gives -1e-8) is called singular, not indefinite:
+    the fix is damping either way, but "use the GGN" would be wrong advice there."""
     low = float(eigenvalues.min())
     if low > 0:
         return
-    got = "singular" if low == 0 else "indefinite"
-    hint = ", or use the GGN (ck.ggn), positive semidefinite by construction" if low < 0 else ""
+    high = float(eigenvalues.abs().max())
+    rounding = high * torch.finfo(eigenvalues.dtype).eps * max(100, eigenvalues.numel())
+    if low == 0 or -low <= rounding:
+        got = f"singular (smallest eigenvalue {low:.3g}, zero up to rounding)"
+        hint = ""
+    else:
+        got = f"indefinite (smallest eigenvalue {low:.3g})"
+        hint = ", or use the GGN (ck.ggn), positive semidefinite by construction"
     raise CurvkitValueError(
-        f"{what} needs a positive definite operator, but this one is {got} (smallest "
-        f"eigenvalue {low:.3g}). Add damping first: op.add_identity(delta) with delta > "
-        f"{max(-low, 0.0):.3g}{hint}."
+        f"{what} needs a positive definite operator, but this one is {got}. Add damping "
+        f"first: op.add_identity(delta) with delta > {max(-low, 0.0):.3g}{hint}."
     )
 
 
