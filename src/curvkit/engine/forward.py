@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..data import Batch, _tensors, call_model, pick_output
+from ..data import Batch, _map_tensors, _tensors, call_model, pick_output
 from ..errors import CurvkitValueError
 from ..losses import Loss
 from ..params import ParamLayout
@@ -286,13 +286,13 @@ class Forward:
     def rule_layers(self, batch: Batch, structured: bool = False) -> list[RuleLayer]:
         """Layers with a rule on this batch, each called once on batched input. Dense blocks
         need Linear layers on (N, in) inputs; structured reductions take any positions."""
-        calls, _, escaped, _ = self._probe(batch)
+        calls, _, escaped, _, batched = self._probe(batch)
         keep = []
         for c in self._candidates:
             if any(id(p) in escaped for p in (c.module.weight, getattr(c.module, "bias", None))):
                 continue  # used outside the module too: the generic path sees every use
             shapes = calls.get(id(c.module), [])
-            if len(shapes) != 1:
+            if len(shapes) != 1 or (batched is not None and id(c.module) not in batched):
                 continue
             (ins, outs) = shapes[0]
             if structured:
@@ -388,9 +388,42 @@ class Forward:
             numel += 0 if c.output is None else c.output.numel()
         real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
         found = frozenset(real[i] for i in watch.found)
-        probe = (dict(shapes), numel, found, watch.reverse_only)
+        probe = (dict(shapes), numel, found, watch.reverse_only, self._batched(batch))
         batch.probe = self._probe_cache[key] = probe
         return Trace(calls, out)
+
+    def _batched(self, batch: Batch) -> frozenset[int] | None:
+        """ids of the candidate modules whose input has the sample dimension first, or None for
+        a batch of one sample (where any leading size 1 is that sample's).
+
+        The rules read a layer's input rows as the samples whenever its leading size is N; a
+        tensor that is not batched can have that size too (a learned (T, F) table with T = N,
+        a sequence-first (T, N, F) input with T = N) and then every per-sample quantity is
+        wrong. So the model also runs on the first m < N samples (m = 2, or 1 when N = 2):
+        a sample dimension shrinks to m, any other dimension keeps its size. A model that
+        fails on the smaller batch gets no rules (the generic path is exact for any model)."""
+        n = batch.size
+        if n == 1:
+            return None
+        m = 1 if n == 2 else 2
+        sub = _map_tensors(batch.inputs, lambda t: t[:m] if t.dim() and t.shape[0] == n else t)
+        seen: dict[int, list] = defaultdict(list)
+
+        def hook(mod, args, out):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            seen[id(mod)].append(None if x is None or x.dim() == 0 else x.shape[0])
+
+        modules = {id(c.module): c.module for c in self._candidates}
+        handles = [mod.register_forward_hook(hook) for mod in modules.values()]
+        try:
+            with torch.no_grad():
+                call_model(self.model, sub)
+        except Exception:
+            return frozenset()
+        finally:
+            for h in handles:
+                h.remove()
+        return frozenset(i for i, lead in seen.items() if lead == [m])
 
     def _probe_params(self) -> dict[str, torch.Tensor]:
         """Every parameter detached, the chosen ones as ``self.params`` (the tracked tensors)."""
