@@ -104,6 +104,33 @@ def test_a_model_that_casts_its_own_inputs_is_not_refused():
     assert G.dtype == DT
 
 
+@pytest.mark.parametrize("loss_fn", [nn.GaussianNLLLoss(), nn.TripletMarginLoss()])
+def test_a_loss_that_needs_three_tensors(loss_fn):
+    """torch's raw "forward() missing 1 required positional argument: 'var'" came from inside
+    curvkit's loss check."""
+    x, y = _regression_batch()
+    expect_error(
+        ValueError,
+        ("loss_fn(output, target)",),
+        lambda: ck.ggn(_mlp(), loss_fn, (x, y)),
+    )
+
+
+@pytest.mark.parametrize("structure", ["diag", "block", "kron"])
+def test_embedding_with_max_norm_on_structured_paths(structure):
+    """Embedding(max_norm=...) renormalises its weight in place in forward(); torch.func's raw
+    "attempted to call in-place operation (aten::embedding_renorm_)" (or vmap's) leaked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(8, 3))
+    x, t = torch.randint(0, 10, (6, 2)), torch.randint(0, 3, (6,))
+    err = expect_error(
+        ValueError,
+        ("in place",),
+        lambda: ck.ggn(model.to(DT), nn.CrossEntropyLoss(), (x, t), structure=structure),
+    )
+    assert "max_norm" in str(err) and "structure='dense'" in str(err), str(err)
+
+
 def test_inf_in_a_parameter():
     model = _mlp()
     with torch.no_grad():

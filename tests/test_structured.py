@@ -994,6 +994,25 @@ def test_grouped_conv_gets_one_kronecker_block_per_group():
     assert_close(D.diagonal(), ck.ggn(model2, loss, (xs, ts)).diagonal())
 
 
+def test_grouped_conv_block_is_the_whole_module_block():
+    """structure='block' promises one exact dense block per module: a grouped conv gave one per
+    group, dropping the cross-group entries (0.66 off the dense GGN's module block), while the
+    Hessian's block kept them."""
+    torch.manual_seed(6)
+    model = _finish(
+        nn.Sequential(
+            nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(54, 3)
+        )
+    )
+    loss = nn.CrossEntropyLoss()
+    x, t = torch.randn(5, 4, 7, 7, dtype=DT), torch.randint(0, 3, (5,))
+    G = ck.ggn(model, loss, (x, t))
+    op = ck.ggn(model, loss, (x, t), structure="block")
+    sl = ck.parameter_slices(model)
+    i = torch.cat([torch.arange(sl[n].start, sl[n].stop) for n in ("0.weight", "0.bias")])
+    assert_close(op.to_dense()[i][:, i], G[i][:, i], what="grouped conv module block")
+
+
 @pytest.mark.parametrize("structure", ["kron", "ekfac", "diag", "block", "lowrank"])
 def test_top_eigenpairs_come_exactly_from_the_structure(structure):
     torch.manual_seed(7)

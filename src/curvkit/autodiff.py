@@ -45,6 +45,19 @@ def translate(e: BaseException) -> BaseException | None:
             "torch.func transforms curvkit differentiates with do not support. Turn "
             "checkpointing off while computing curvature (e.g. a flag your forward() reads)."
         )
+    inplace = re.search(r"attempted to call in-place operation \((\S+)\)", msg) or re.search(
+        r"vmap: (\S+)\(self, \*extra_args\) is not possible", msg
+    )
+    if isinstance(e, RuntimeError) and inplace:
+        op = inplace.group(1)
+        renorm = " (nn.Embedding(max_norm=...) renormalises its weight so)"
+        renorm = renorm if "renorm" in op else ""
+        return CurvkitValueError(
+            f"forward() changes a tensor in place with {op}{renorm}, which the torch.func "
+            "transforms of this path cannot differentiate. Use structure='dense', or make the "
+            "forward pass out of place (for Embedding: renormalise the weight once before "
+            "calling curvkit and build it with max_norm=None)."
+        )
     missing = re.search(r"derivative for (\S+) is not implemented", msg)
     if isinstance(e, RuntimeError) and missing:
         op = missing.group(1)

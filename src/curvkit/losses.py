@@ -15,6 +15,7 @@ Outputs are handled flattened per sample, fₙ ∈ ℝᶜ with C = prod(output.s
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable
 
@@ -131,8 +132,8 @@ class Loss:
         if first is not None:  # closed form: a few elementwise ops per draw
             rest = [self._closed_form_grad(out, y) for y in Y[1:]]
             cols = torch.stack([first, *rest]).reshape(mc_samples, out.shape[0], -1)  # (S, N, C)
-        else:
-            cols = vmap(lambda y: self.per_sample_grads(out, y))(torch.stack(Y))
+        else:  # a loop, not vmap: torch losses such as label smoothing do not run under vmap
+            cols = torch.stack([self.per_sample_grads(out, y) for y in Y])
         return cols.permute(1, 2, 0) / mc_samples**0.5
 
 
@@ -518,6 +519,35 @@ _KNOWN = {
 }
 
 
+def _check_two_arguments(module: nn.Module) -> None:
+    """curvkit calls a loss as ``loss_fn(output, target)``; a module whose forward needs more
+    tensors (``GaussianNLLLoss(input, target, var)``, the margin-ranking and triplet losses)
+    cannot be called so, and is refused with a way out."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in kinds and p.default is inspect.Parameter.empty
+    ]
+    if len(required) > 2:
+        name = type(module).__name__
+        example = (
+            " (for a model that outputs mean and log-variance: lambda out, t: "
+            "F.gaussian_nll_loss(out[:, :1], t, out[:, 1:].exp(), reduction='sum'))"
+            if isinstance(module, nn.GaussianNLLLoss)
+            else ""
+        )
+        raise CurvkitValueError(
+            f"{name}.forward takes {len(required)} tensors ({', '.join(required)}), but curvkit "
+            "calls the loss as loss_fn(output, target). Pass a callable (output, target) -> "
+            f"scalar that builds the others from the model's output{example}."
+        )
+
+
 def as_loss(loss_fn, reduction: str | None) -> Loss:
     if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
         if reduction is not None and reduction != loss_fn.reduction:
@@ -531,6 +561,7 @@ def as_loss(loss_fn, reduction: str | None) -> Loss:
                 f"{type(loss_fn).__name__}(reduction='none') returns one loss per element; "
                 "curvature is taken of a scalar. Use reduction='sum' or 'mean'."
             )
+        _check_two_arguments(loss_fn)
         cls = _KNOWN.get(type(loss_fn))
         return MSE(loss_fn.reduction) if cls is MSE else (cls or TorchLoss)(loss_fn)
     if not callable(loss_fn):

@@ -69,6 +69,8 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
     def body(batch, side, chunks):
         trace = fw.chain_trace(batch)  # also the probe rule_layers reads
         layers = fw.rule_layers(batch, structured=True)
+        if structure == "block":  # a grouped conv's block spans its groups: the exact rows
+            layers = [l for l in layers if l.groups == 1]
         if state["layers"] is None:
             state["layers"] = layers
             state["groups"] = _fallback_groups(problem, _names_of(layers, layout))

@@ -98,7 +98,9 @@ def check_unchanged(watched: list[tuple[torch.Tensor, int]]) -> None:
     if any(t._version != v for t, v in watched):
         raise CurvkitValueError(
             "the model's parameters or the batch changed in place after this Hessian "
-            "operator was built (an optimiser step?); build a new operator with ck.hessian."
+            "operator was built (an optimiser step?); build a new operator with ck.hessian. If "
+            "forward() itself changes them in place (nn.Embedding(max_norm=...) does), no "
+            "operator can be kept: use structure='dense'."
         )
 
 
