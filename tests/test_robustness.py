@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import FlatModel, assert_close, ref_ef, ref_ggn, ref_hessian, rel_error
 from torch import nn
+from torch.func import jacrev
 
 import curvkit as ck
 
@@ -143,6 +144,24 @@ def test_monte_carlo_fisher_with_label_smoothing():
     assert rel_error(fisher("diag").diagonal(), exact.diagonal()) < 0.1
     K = fisher("kron")  # KFAC is not the Fisher here; it must run and be a Fisher-sized PSD
     assert float(K.eigenvalues().min()) > -1e-12 and rel_error(K.trace(), exact.trace()) < 0.5
+
+
+def test_mean_callable_is_caught_when_the_first_losses_are_zero():
+    """A satisfied hinge gives ℓ = 0 on the first two samples, where sum and mean agree: the
+    check passed a mean callable taken as a sum (the EF came out N times too small)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([5.0, 5.0], dtype=DT))
+    x, t = torch.randn(6, 3, dtype=DT), torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0, -1.0], dtype=DT)
+    x[:2] = 0  # outputs (5, 5) with target +1: the hinge is satisfied, ℓ = 0
+
+    def hinge_mean(o, t):
+        return F.relu(1 - t[:, None] * o).mean()
+
+    with pytest.raises(ck.CurvkitValueError, match="averages over samples"):
+        ck.ef(model, hinge_mean, (x, t))
+    ck.ef(model, hinge_mean, (x, t), reduction="mean")
 
 
 def test_mean_callable_is_checked_on_the_first_batch_with_two_samples():
@@ -300,3 +319,59 @@ def test_a_leading_size_equal_to_n_is_not_taken_for_samples(model_cls):
     assert_close(D.diagonal(), G.diagonal(), what="GGN diagonal")
     B = ck.ggn(model, ce, (x, y), structure="block").to_dense()
     assert_close(B[B != 0], G[B != 0], what="GGN blocks")
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.Module]):
+        super().__init__()
+        self.rnn, self.fc = cell(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+class ChecksItsInput(nn.Module):
+    """Python control flow on values: vmap cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.norm, self.l2 = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("non-finite input")
+        return self.l2(torch.tanh(self.norm(self.l1(x))))
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: Recurrent(nn.GRU), (5, 4, 3)),
+        (lambda: Recurrent(nn.LSTM), (5, 4, 3)),
+        (ChecksItsInput, (5, 3)),
+    ],
+    ids=["gru", "lstm", "control_flow"],
+)
+def test_modules_that_cannot_run_under_vmap_get_exact_structures(make, shape):
+    """The per-sample rows of parameters without a rule ran the model under vmap over samples:
+    recurrent layers and value-dependent control flow raised torch's raw errors for diag, block
+    and kron. One sample at a time is exact."""
+    torch.manual_seed(4)
+    model = make().to(DT).eval()
+    x, y = torch.randn(*shape, dtype=DT), torch.randint(0, 3, (5,))
+    ce = nn.CrossEntropyLoss()
+    # the references cannot vmap over samples either: per-sample Jacobians in a loop
+    fm = FlatModel(model)
+    G = torch.zeros(fm.num_params, fm.num_params, dtype=DT)
+    EF = torch.zeros_like(G)
+    for n in range(5):
+        J = jacrev(lambda th, n=n: fm(th, x[n : n + 1])[0])(fm.theta0)  # (3, P)
+        p = fm(fm.theta0, x[n : n + 1])[0].softmax(0).detach()
+        g = J.T @ (p - F.one_hot(y[n], 3).to(DT))
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J / 5
+        EF += torch.outer(g, g) / 5
+    assert_close(ck.ggn(model, ce, (x, y), structure="diag").diagonal(), G.diagonal())
+    B = ck.ggn(model, ce, (x, y), structure="block").to_dense()
+    assert_close(B[B != 0], G[B != 0], what="blocks")
+    E = ck.ef(model, ce, (x, y), structure="diag").diagonal()
+    assert_close(E, EF.diagonal(), what="EF diagonal")

@@ -50,13 +50,16 @@ def translate(e: BaseException) -> BaseException | None:
     )
     if isinstance(e, RuntimeError) and inplace:
         op = inplace.group(1)
-        renorm = " (nn.Embedding(max_norm=...) renormalises its weight so)"
-        renorm = renorm if "renorm" in op else ""
+        hint = ""
+        if "renorm" in op:
+            hint = (
+                " For nn.Embedding(max_norm=...), which renormalises its weight so: run the "
+                "model once under torch.no_grad() (that renormalises the rows the data uses), "
+                "then set the module's max_norm = None; the curvature is the same"
+            )
         return CurvkitValueError(
-            f"forward() changes a tensor in place with {op}{renorm}, which the torch.func "
-            "transforms of this path cannot differentiate. Use structure='dense', or make the "
-            "forward pass out of place (for Embedding: renormalise the weight once before "
-            "calling curvkit and build it with max_norm=None)."
+            f"forward() changes a tensor in place with {op}, which the torch.func transforms "
+            f"curvkit uses here cannot differentiate. Make the forward pass out of place.{hint}."
         )
     missing = re.search(r"derivative for (\S+) is not implemented", msg)
     if isinstance(e, RuntimeError) and missing:

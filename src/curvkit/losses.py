@@ -204,6 +204,11 @@ class CrossEntropy(Loss):
         if not self._index_targets(tgt):
             _check_same_shape(self.name + " with class-probability targets", out, tgt)
             return
+        if tgt.dtype not in (torch.long, torch.uint8):
+            raise CurvkitValueError(
+                f"{self.name} class-index targets must be int64 (torch.long), as torch's loss "
+                f"requires; got {tgt.dtype}. Pass y.long()."
+            )
         want = (out.shape[0], *out.shape[2:])
         if tuple(tgt.shape) != want:
             raise CurvkitValueError(
@@ -484,10 +489,11 @@ class CallableLoss(Loss):
             return
         with torch.no_grad():
             self.sum_loss(out, tgt)  # raises unless the callable returns a scalar
-            if out.shape[0] < 2:
-                return  # sum and mean agree on one sample: check the first batch of two or more
-            a, b = float(self.fn(out[:1], tgt[:1])), float(self.fn(out[1:2], tgt[1:2]))
-            two = float(self.fn(out[:2], tgt[:2]))
+            pair = _telling_pair(self.fn, out, tgt)
+            if pair is None:
+                return  # sum and mean agree here (one sample, zero losses): try the next batch
+            (a, b), idx = pair
+            two = float(self.fn(out[idx], tgt[idx]))
         self._checked = True
         tol = 1e-4 * (abs(a) + abs(b)) + 1e-12
         is_sum, is_mean = abs(two - (a + b)) <= tol, abs(two - (a + b) / 2) <= tol
@@ -508,6 +514,19 @@ class CallableLoss(Loss):
                 f"{two:.6g}, their separate values are {a:.6g} and {b:.6g}. curvkit needs "
                 "L = Σₙ ℓ(fₙ, yₙ) (or its mean)."
             )
+
+
+def _telling_pair(fn: Callable, out: torch.Tensor, tgt: torch.Tensor):
+    """((ℓᵢ, ℓⱼ), [i, j]): two of the first 8 samples whose losses do not cancel, so that their
+    pair's value tells a sum (ℓᵢ + ℓⱼ) from a mean (half that); None if there is none (one
+    sample, or zero losses, as for a satisfied hinge)."""
+    values = [float(fn(out[i : i + 1], tgt[i : i + 1])) for i in range(min(8, out.shape[0]))]
+    first, *rest = sorted(range(len(values)), key=lambda i: -abs(values[i]))
+    for j in rest:
+        a, b = values[first], values[j]
+        if abs(a + b) > max(1e-3 * (abs(a) + abs(b)), 1e-12):
+            return (a, b), [first, j]
+    return None
 
 
 _KNOWN = {

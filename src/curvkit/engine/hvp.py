@@ -28,10 +28,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..data import Batch
+from ..data import Batch, _tensors
 from .chain import DERIVATIVES, Call, chain_of
 from .forward import Forward, _owners
-from .products import check_unchanged, watch
+from .products import Watch
 
 # activation -> σ''(z) from its output y = σ(z) and σ'(z) (``chain.DERIVATIVES``); None: 0 a.e.
 _SECOND: dict[type, Callable | None] = {
@@ -59,9 +59,9 @@ class _Pointwise:
         self.z_dot: torch.Tensor | None = None  # ż: the previous stage's tangent
 
 
-def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor] | None:
-    """(``prod(V) -> (P, k)`` the unscaled H V of the batch, the flat gradient Σₙ ∇ℓₙ), or
-    None where the route does not apply (module docstring)."""
+def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor, Watch] | None:
+    """(``prod(V) -> (P, k)`` the unscaled H V of the batch, the flat gradient Σₙ ∇ℓₙ, what
+    they read), or None where the route does not apply (module docstring)."""
     trace = fw.chain_trace(batch)
     out = None if trace is None else trace.out
     if out is None or out.dim() != 2 or out.dtype != fw.layout.tensors[0].dtype:
@@ -105,7 +105,7 @@ def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Te
     if covered != layout.numel:
         return None  # a chosen parameter outside the chain's Linear layers
     product = _ChainHessian(fw, batch, stages, out)
-    return product, product.gradient
+    return product, product.gradient, product.watch
 
 
 def _chosen(layout, m: nn.Linear) -> bool:
@@ -130,9 +130,13 @@ class _ChainHessian:
     def __init__(self, fw: Forward, batch: Batch, stages: list, out: torch.Tensor):
         self.stages, self.P = stages, fw.layout.numel
         self.M = fw.loss.output_hessian(out, batch.targets)  # (N, C, C)
-        # The recorded tensors this product reads, with their versions now: a later in-place
-        # change (an optimiser step, an edited batch) makes the products stale.
-        self._watch = watch(t for s in stages if isinstance(s, _Linear) for t in (s.W, s.bias, s.a))
+        # What this product reads, as it is now: a later change (an optimiser step, an edited
+        # batch) makes the products stale.
+        linears = [s for s in stages if isinstance(s, _Linear)]
+        self.watch = Watch(
+            [*fw.model.parameters(), *_tensors(batch.inputs), batch.targets],
+            [s.a for s in linears],
+        )
         new = lambda n: torch.empty(out.shape[0], n, dtype=out.dtype, device=out.device)  # noqa: E731
         tangent = None
         for s in stages:  # tangent buffers, forward order
@@ -169,7 +173,7 @@ class _ChainHessian:
 
     @torch.no_grad()
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
-        check_unchanged(self._watch)
+        self.watch.check()
         if V.shape[1] == 1 and V.is_contiguous():
             out = torch.empty_like(V)
             self._column(V[:, 0], out[:, 0])

@@ -71,7 +71,8 @@ def _cotangents(F: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], chunk: int | None):
-    """(N, K, P_f): per-sample Fₙᵀ Jₙ restricted to the parameters ``names`` (vmap over samples).
+    """(N, K, P_f): per-sample Fₙᵀ Jₙ restricted to the parameters ``names`` (vmap over samples,
+    or a loop where the model cannot run under vmap).
 
     Inputs with a leading dimension of the batch's size are split into samples; any other input
     (a shared tensor, a number) goes whole to every sample's call. Once per input shape, the
@@ -96,7 +97,16 @@ def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], 
         (rows,) = vmap(pull, in_dims=1)(Fn)  # dict of (K, *shape)
         return torch.cat([rows[n].reshape(Fn.shape[1], -1) for n in names], dim=1), out
 
-    rows, outs = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(leaves, F)
+    try:
+        rows, outs = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(leaves, F)
+    except RuntimeError:
+        # Some modules cannot run under vmap over samples (nn.RNN/LSTM/GRU, control flow on
+        # values): the same calls, one sample at a time, are exact and only slower.
+        done = [
+            one([t[n] if d == 0 else t for t, d in zip(leaves, dims)], F[n])
+            for n in range(batch.size)
+        ]
+        rows, outs = torch.stack([r for r, _ in done]), torch.stack([o for _, o in done])
     key = ("per-sample", fw._key(batch))
     if key not in fw.checked:
         _check_per_sample(outs, fw.output(batch), names)

@@ -209,10 +209,10 @@ class Problem:
             side(self.forward.output(batch))
             self._checked.add(batch.index)
 
-    def _kept_product(self, batch: Batch) -> tuple[Callable, torch.Tensor] | None:
-        """(H V of the batch, its gradient) from state kept across products (Lanczos and trace
-        estimates call many), or None once the kept state of all batches would pass the work
-        budget (then nothing is kept).
+    def _kept_product(self, batch: Batch) -> tuple | None:
+        """(H V of the batch, its gradient, what they read) from state kept across products
+        (Lanczos and trace estimates call many), or None once the kept state of all batches
+        would pass the work budget (then nothing is kept).
 
         Kept per batch index from the first pass: H is a sum over all samples, so a loader that
         reshuffles still gives the same matrix. A chain of Linear layers and activations keeps
@@ -244,6 +244,8 @@ class Problem:
         def body(batch, side, chunks):
             self._check_once(batch, side)
             kept = self._kept_product(batch) if self.kind == "hessian" else None
+            if kept is not None:
+                kept[2].check()
             out.add_(batch_gradient(self.forward, batch) if kept is None else kept[1])
 
         return out.mul_(self._run("gradient", body, lazy=True))

@@ -87,32 +87,57 @@ def gauss_newton_product(
     return prod
 
 
-def watch(tensors) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, its ``_version`` now), for :func:`check_unchanged`."""
-    return [(t, t._version) for t in tensors if t is not None]
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def check_unchanged(watched: list[tuple[torch.Tensor, int]]) -> None:
-    """Kept product state read these tensors; an in-place change since (an optimiser step, an
-    edited batch) would make its products stale."""
-    if any(t._version != v for t, v in watched):
-        raise CurvkitValueError(
-            "the model's parameters or the batch changed in place after this Hessian "
-            "operator was built (an optimiser step?); build a new operator with ck.hessian. If "
-            "forward() itself changes them in place (nn.Embedding(max_norm=...) does), no "
-            "operator can be kept: use structure='dense'."
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """The integer sum of t's bits: exact and independent of summation order (threads), and it
+    moves with any edit, including one through ``.data`` that leaves ``_version`` alone."""
+    flat = t.detach()
+    if flat.is_complex():
+        flat = torch.view_as_real(flat)
+    flat = flat.contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(_INT_OF_SIZE[flat.element_size()]).sum()
+
+
+class Watch:
+    """The tensors kept product state read, as they are now. ``seen`` (parameters, the batch's
+    inputs and targets: what users edit, also through ``.data``) keep a fingerprint too;
+    ``internal`` ones (recorded activations) only their ``_version``."""
+
+    def __init__(self, seen, internal=()):
+        seen = [t for t in seen if t is not None]
+        self.seen = [(t, t._version, _fingerprint(t)) for t in seen]
+        self.internal = [(t, t._version) for t in internal if t is not None]
+
+    def check(self) -> None:
+        """An in-place change since (an optimiser step, an edited batch) makes the kept state
+        stale: refuse rather than answer for a model that no longer exists."""
+        stale = any(t._version != v for t, v in self.internal) or any(
+            t._version != v or not torch.equal(_fingerprint(t), f) for t, v, f in self.seen
         )
+        if stale:
+            raise CurvkitValueError(
+                "the model's parameters or the batch (inputs or targets) changed after this "
+                "Hessian operator was built (an optimiser step?); build a new operator with "
+                "ck.hessian. If forward() itself changes them in place "
+                "(nn.Embedding(max_norm=...) does), no operator can be kept: run the model once "
+                "under torch.no_grad(), then set the module's max_norm = None."
+            )
 
 
-def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor]:
-    """(H V by reverse-over-reverse on a graph built once, the flat gradient Σₙ ∇ℓₙ (P,)).
+def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor, Watch]:
+    """(H V by reverse-over-reverse on a graph built once, the flat gradient Σₙ ∇ℓₙ (P,), what
+    they read).
 
     The forward pass and the first backward pass (with ``create_graph``) are kept, so each
     product is one more backward pass. For repeated products on one batch (Lanczos, trace
     estimation) this costs about half of a fresh forward-over-reverse product; it holds the
     batch's graph in memory meanwhile. The gradient comes free with the graph."""
     names = fw.layout.names
-    watched = watch([*fw.model.parameters(), *_tensors(batch.inputs)])
+    watched = Watch([*fw.model.parameters(), *_tensors(batch.inputs), batch.targets])
     leaves = [fw.params[n].detach().requires_grad_() for n in names]
     with torch.enable_grad():
         loss = _loss_of(fw, batch)(dict(zip(names, leaves)))
@@ -120,7 +145,7 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.T
         gradient = _flatten_grads(leaves, grads).detach()
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not used:  # the loss is linear in every parameter: H = 0
-            return (lambda V: torch.zeros_like(V)), gradient
+            return (lambda V: torch.zeros_like(V)), gradient, watched
         flat_g = torch.cat([grads[i].reshape(-1) for i in used])
     sizes = [leaves[i].numel() for i in used]
     offsets = [fw.layout.offsets[i] for i in used]
@@ -136,8 +161,8 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.T
     def prod(V: torch.Tensor) -> torch.Tensor:
         # One backward pass per column: batching them (is_grads_batched) was slower here
         # (28 ms vs 13 ms per column on the digits MLP).
-        check_unchanged(watched)
+        watched.check()
         G = gather(V)
         return torch.stack([column(G[:, j]) for j in range(V.shape[1])], dim=1)
 
-    return prod, gradient
+    return prod, gradient, watched
