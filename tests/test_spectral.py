@@ -203,6 +203,158 @@ def test_k_beyond_the_dimension_and_max_iter_below_k_are_clear_errors():
         ck.top_eigenvalues(A, k=4, max_iter=2)
 
 
+@pytest.mark.parametrize(
+    ("lam", "k"),
+    [([3.0, 3.0, 3.0, 1.0, 0.0], 4), ([3.0, 3.0, 3.0, 1.0, 0.0], 2)]
+    + [([5.0, 2.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.1], 4)],
+)
+def test_top_eigenvalues_finds_every_copy_of_a_repeated_eigenvalue(lam, k):
+    """diag(3, 3, 3, 1, 0): the first Krylov space is exhausted after 3 products with the exact
+    Ritz values 3, 1, 0 — k of them for k = 2, and zero error bounds — and Lanczos stopped
+    there, returning [3, 1] for k = 2 and [3, 3, 1, 0] for k = 4. A breakdown leaves the
+    orthogonal complement unexplored: it restarts instead, and finds the other copies."""
+    lam = torch.tensor(lam, dtype=DT)
+    for A in (torch.diag(lam), _with_spectrum(lam, seed=24)):
+        vals, V = ck.top_eigenvalues(A, k=k, tol=1e-8, eigenvectors=True, generator=_gen(3))
+        assert_close(vals, _top(A, k), rtol=1e-10, what=f"top-{k} of {lam.tolist()}")
+        _check_eigenvectors(A, vals, V, 1e-8)
+
+
+def test_top_eigenvalues_waits_for_the_block_after_a_restart():
+    """lam = 10, 5, 5, 4, 3, 2, 1 and twenty 0s, k = 3. The first Krylov space breaks down with
+    10, 5, 4, ... (exact); the restarted block lives in the complement (the second 5 and the
+    zeros), and its first Ritz value, about 5/21, is far below θ_3 = 4 while the top three
+    have zero error bounds. Stopping there returned [10, 5, 4]: the restarted block's largest
+    Ritz value below θ_3 must itself be converged first."""
+    lam = torch.cat([torch.tensor([10.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0], dtype=DT)])
+    lam = torch.cat([lam, torch.zeros(20, dtype=DT)])
+    for A in (torch.diag(lam), _with_spectrum(lam, seed=25)):
+        vals = ck.top_eigenvalues(A, k=3, tol=1e-8, generator=_gen(4))
+        assert_close(vals, _top(A, 3), rtol=1e-10, what="top-3")
+
+
+def test_top_eigenvalues_of_a_hessian_with_a_null_space():
+    """The P = 92 Hessian has a null space: k = 80 and k = 91 skipped one of its zeros (an
+    error of 0.23 and 0.07) when the first Krylov space broke down with >= k values."""
+    A = dense("hessian")
+    for k in (80, 91):
+        vals = ck.top_eigenvalues(A, k=k, tol=1e-8, generator=_gen())
+        assert_close(vals, _top(A, k), rtol=0, atol_scale=1e-10, what=f"hessian top-{k}")
+
+
+def test_top_eigenvalue_of_a_one_parameter_hessian():
+    """P = 1: the start vector v/|v| + g/|g| (random part plus gradient) is 0 whenever their
+    signs differ, and Lanczos returned NaN (also through structure="lowrank")."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1, bias=False).to(DT).eval()
+    x, y = torch.randn(5, 1, dtype=DT), torch.randn(5, 1, dtype=DT)
+    data = (x, y)
+    exact = ck.hessian(model, nn.MSELoss(), data)
+    assert_close(exact, 2 * x.square().mean().reshape(1, 1), what="exact 1x1 Hessian")
+    op = ck.hessian(model, nn.MSELoss(), data, structure="operator")
+    for seed in range(4):
+        vals = ck.top_eigenvalues(op, k=1, generator=_gen(seed))
+        assert_close(vals, exact[0], rtol=1e-12, what=f"seed {seed}")
+    for seed in range(4):  # the low-rank build draws its start from torch's global generator
+        torch.manual_seed(seed)
+        low = ck.hessian(model, nn.MSELoss(), data, structure="lowrank")
+        assert_close(low.to_dense(), exact, rtol=1e-12, what=f"lowrank P=1, seed {seed}")
+
+
+def test_lanczos_never_divides_by_a_zero_norm():
+    from curvkit.operators.base import DenseOperator
+    from curvkit.spectral import _lanczos
+
+    A = torch.diag(torch.tensor([2.0, 1.0], dtype=DT))
+    Q, alpha, beta = _lanczos(DenseOperator(A), torch.zeros(2, dtype=DT), 2, generator=_gen())
+    assert bool(torch.isfinite(Q).all()) and bool(torch.isfinite(alpha).all())
+    assert_close(Q @ Q.T, torch.eye(Q.shape[0], dtype=DT), rtol=0, atol_scale=1e-12)
+
+
+def test_lanczos_basis_grows_instead_of_being_preallocated(monkeypatch):
+    """The basis held room for max_iter = max(4k + 60, 300) vectors up front: k = 1 on a
+    20M-parameter model asked for 24 GB. It now starts with 2k + 40 rows and doubles. Here the
+    memory allows 100 vectors of size 200: k = 1 needs ~65 iterations (42 rows, then 84); the
+    preallocated 200 were refused. When even the first rows do not fit, the error names the
+    argument that helps (max_iter), not a memory_limit= that top_eigenvalues does not take."""
+    import curvkit.memory
+    import curvkit.spectral
+
+    n = 200
+    lam = torch.cat([torch.tensor([1.0, 0.999], dtype=DT), torch.linspace(0.95, -1, n - 2)])
+    A = torch.diag(lam.to(DT))
+    for free in (100, 10):  # room for `free` vectors once curvkit's 80% is taken
+        room = int(free * n * 8 / 0.8) + 8
+        monkeypatch.setattr(curvkit.memory, "available_bytes", lambda device, b=room: b)
+        if free == 100:
+            vals, V = ck.top_eigenvalues(A, k=1, tol=1e-10, eigenvectors=True, generator=_gen())
+            assert_close(vals, lam[:1], rtol=1e-10, what="top-1 through a grown basis")
+            _check_eigenvectors(A, vals, V, 1e-10)
+            continue
+        with pytest.raises(ck.CurvkitMemoryError, match=r"42 vectors.*max_iter") as e:
+            ck.top_eigenvalues(A, k=1, generator=_gen())
+        assert "memory_limit" not in str(e.value)
+
+
+class _CountingOperator(ck.LinearOperator):
+    """A dense operator that fails after 100 products (a loop that never ends)."""
+
+    def __init__(self, A):
+        self.A, self.shape, self.dtype, self.device = A, tuple(A.shape), A.dtype, A.device
+        self.calls = 0
+
+    def _matmat(self, V):
+        self.calls += 1
+        assert self.calls < 100, "looped"
+        return self.A @ V
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda A: ck.estimate_diagonal(A, 5, block=0), r"block must be an int >= 1.*got 0"),
+        (lambda A: ck.estimate_diagonal(A, 5, block=-1), r"block must be an int >= 1.*got -1"),
+        (lambda A: ck.estimate_diagonal(A, 5, block=2.5), r"block must be an int.*got 2\.5"),
+        (lambda A: ck.estimate_diagonal(A, 0), r"num_matvecs must be an int >= 1.*got 0"),
+        (lambda A: ck.estimate_trace(A, 0), r"num_matvecs must be an int >= 1.*got 0"),
+        (lambda A: ck.estimate_trace(A, -1), r"num_matvecs must be an int >= 1.*got -1"),
+        (
+            lambda A: ck.estimate_trace(A, 0, method="hutch++"),
+            r"num_matvecs must be an int >= 3 \(hutch\+\+.*got 0.*method='hutchinson'",
+        ),
+        (lambda A: ck.top_eigenvalues(A, 1, tol=math.nan), r"tol must be a finite positive.*nan"),
+        (lambda A: ck.top_eigenvalues(A, 1, tol=math.inf), r"tol must be a finite positive.*inf"),
+        (lambda A: ck.top_eigenvalues(A, 1, tol=0.0), r"tol must be a finite positive.*got 0"),
+        (lambda A: ck.spectral_density(A, num_probes=0), r"num_probes must be an int >= 1"),
+        (lambda A: ck.spectral_density(A, steps=0), r"steps must be an int >= 1.*got 0"),
+        (lambda A: ck.spectral_density(A, sigma=-1.0), r"sigma must be a finite positive.*-1"),
+        (lambda A: ck.spectral_density(A, sigma=0.0), r"sigma must be a finite positive.*got 0"),
+    ],
+)
+def test_spectral_tools_refuse_bad_counts_and_tolerances(call, match):
+    """These hung (block=0), returned NaN (num_matvecs=0), silently used 3 products (hutch++
+    with 0), ran with tol=nan, raised torch's own errors, or gave a density integrating to
+    -0.77 (sigma=-1)."""
+    A = _CountingOperator(torch.diag(torch.arange(1.0, 6.0, dtype=DT)))
+    with pytest.raises(ck.CurvkitValueError, match=match):
+        call(A)
+    assert A.calls == 0
+
+
+def test_spectral_density_of_a_single_eigenvalue():
+    """torch.eye(5) in float32: all Ritz values within rounding of 1, so the grid spanned ~1e-7
+    and collapsed onto 3 representable points; the density integrated to ~10. The grid now
+    spans at least 1e-3 of the eigenvalue's magnitude."""
+    for A in (torch.eye(5), 3 * torch.eye(7, dtype=DT), torch.zeros(4, 4)):
+        x, dens = ck.spectral_density(A, generator=_gen(17))
+        assert bool((x[1:] > x[:-1]).all()), "grid collapsed"
+        value = A[0, 0].item()
+        assert x[0].item() < value < x[-1].item()
+        mass, mean = _moments(x.double(), dens.double())
+        assert abs(mass - 1) < 1e-2, f"{A.dtype} {value}: integrates to {mass}"
+        assert abs(mean - value) < 1e-2 * max(abs(value), 1e-9), (value, mean)
+
+
 # --------------------------------------------------------------------------------------------
 # estimate_trace
 # --------------------------------------------------------------------------------------------
@@ -335,6 +487,16 @@ def test_plot_spectral_density_writes_a_png(tmp_path):
     assert str(out) == str(path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_plot_spectral_density_accepts_numpy_arrays(tmp_path):
+    """The arrays a user saved (np.save) or converted: an AttributeError ('detach') before."""
+    pytest.importorskip("matplotlib")
+    A = torch.diag(torch.arange(1.0, 6.0, dtype=DT))
+    x, dens = ck.spectral_density(A, num_probes=2, steps=5, generator=_gen(18))
+    path = tmp_path / "density.png"
+    ck.plot_spectral_density(x.numpy(), dens.numpy(), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_estimate_diagonal_is_unbiased_and_converges():

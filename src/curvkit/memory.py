@@ -57,9 +57,16 @@ def check_dense(
 
 
 def check_bytes(
-    what: str, need: int, device: torch.device, memory_limit: int | None, alternatives: str
+    what: str,
+    need: int,
+    device: torch.device,
+    memory_limit: int | None,
+    alternatives: str,
+    *,
+    can_raise: bool = True,
 ) -> None:
-    """Raise CurvkitMemoryError, before allocating, when ``need`` bytes exceed the limit."""
+    """Raise CurvkitMemoryError, before allocating, when ``need`` bytes exceed the limit; its
+    message offers ``memory_limit=`` only where the caller takes one (``can_raise``)."""
     free = available_bytes(device)
     limit = int(0.8 * free) if memory_limit is None else int(memory_limit)
     if need > limit:
@@ -68,10 +75,10 @@ def check_bytes(
             if memory_limit is None
             else f"memory_limit={memory_limit} allows {_fmt(limit)}"
         )
-        raise CurvkitMemoryError(
-            f"{what} needs {_fmt(need)}; {source}. {alternatives} If you know better, raise "
-            "the limit with memory_limit=<bytes>."
+        more = (
+            " If you know better, raise the limit with memory_limit=<bytes>." if can_raise else ""
         )
+        raise CurvkitMemoryError(f"{what} needs {_fmt(need)}; {source}. {alternatives}{more}")
 
 
 def work_budget(device: torch.device, memory_limit: int | None) -> int:

@@ -8,6 +8,7 @@ with a (P, b) block costs far less than b products with vectors.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -59,28 +60,29 @@ def _lanczos(
     *,
     restart: bool = False,
     generator: torch.Generator | None = None,
+    rows: int | None = None,
+    advice: str = "Lower max_iter (one basis vector per iteration) or k.",
 ):
     """Lanczos with full reorthogonalisation: (Q (m, n), alpha (m,), beta (m,)), m <= steps.
 
-    The basis is stored row by row (contiguous rows make the projections fast).
+    The basis is stored row by row (contiguous rows make the projections fast), in a buffer of
+    ``rows`` vectors (default ``steps``) that doubles when full, so a run that converges early
+    never holds room for ``steps`` vectors; ``advice`` ends the error when one does not fit.
     ``on_step(Q, alpha, beta)`` may return True to stop early. At a breakdown (β ≈ 0: the
     basis spans an invariant subspace, whose Ritz values are exact) it stops, or with
     ``restart`` goes on from a random vector (from ``generator``) orthogonal to the basis:
     β = 0 there keeps Qᵀ A Q tridiagonal, and the new vectors reach the eigenvalues the first
     start missed (a repeated eigenvalue's other copies, a low-rank operator's zeros)."""
-    n = op.shape[0]
-    check_bytes(
-        f"a Lanczos basis of {steps} vectors of size {n}",
-        steps * n * torch.empty((), dtype=op.dtype).element_size(),
-        op.device,
-        None,
-        "Lower max_iter (or k).",
-    )
-    Q = torch.empty(steps, n, dtype=op.dtype, device=op.device)
+    Q = _basis(op, min(steps, rows or steps), advice)
     alpha = torch.empty(steps, dtype=op.dtype, device=op.device)
     beta = torch.empty(steps, dtype=op.dtype, device=op.device)
+    if not bool(v0.norm() > 0):  # never 0/0: a start that cancelled out becomes a random one
+        v0 = _random_vector(op, generator)
     q = v0 / v0.norm()
+    m = 0
     for j in range(steps):
+        if j == Q.shape[0]:
+            Q = _grown(Q, min(steps, 2 * j), op, advice)
         Q[j] = q
         w = op @ q
         alpha[j] = q @ w
@@ -98,13 +100,31 @@ def _lanczos(
         if broke:
             beta[j] = 0  # invariant subspace found: its Ritz values are exact
         if on_step is not None and on_step(Q[:m], alpha[:m], beta[:m]):
-            return Q[:m], alpha[:m], beta[:m]
-        if broke and not restart:
-            return Q[:m], alpha[:m], beta[:m]
+            break
+        if m == steps or (broke and not restart):
+            break
         if broke:
             w = _orthogonalize(_random_vector(op, generator), Q[:m])
-        q = w / w.norm()
-    return Q, alpha, beta
+            if not bool(w.norm() > 0):  # the basis already spans everything
+                break
+        q = w / w.norm()  # > 0: β above the breakdown threshold, or checked just above
+    return Q[:m], alpha[:m], beta[:m]
+
+
+def _basis(op: LinearOperator, rows: int, advice: str) -> torch.Tensor:
+    """An empty (rows, n) Lanczos basis, refused with a clear error if it cannot fit."""
+    n = op.shape[0]
+    size = torch.empty((), dtype=op.dtype).element_size()
+    what = f"a Lanczos basis of {rows} vectors of size {n}"
+    check_bytes(what, rows * n * size, op.device, None, advice, can_raise=False)
+    return torch.empty(rows, n, dtype=op.dtype, device=op.device)
+
+
+def _grown(Q: torch.Tensor, rows: int, op: LinearOperator, advice: str) -> torch.Tensor:
+    """Q copied into a larger basis of ``rows`` vectors."""
+    bigger = _basis(op, rows, advice)
+    bigger[: Q.shape[0]] = Q
+    return bigger
 
 
 def _random_vector(op: LinearOperator, generator: torch.Generator | None) -> torch.Tensor:
@@ -117,7 +137,11 @@ def _start_vector(op: LinearOperator, generator: torch.Generator | None) -> torc
     if hint is not None:
         norm = hint.norm()
         if bool(torch.isfinite(norm)) and norm > 0:  # a zero gradient (a minimum) adds nothing
-            v = v / v.norm() + hint / norm
+            mixed = v / v.norm() + hint / norm
+            # the two unit vectors nearly cancel only when they point almost opposite ways (in
+            # 1-D, whenever their signs differ): the sum would be 0 or rounding noise
+            if mixed.norm() > 0.5:
+                v = mixed
     return v
 
 
@@ -143,6 +167,74 @@ def _tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return T
 
 
+def _block_start(beta: torch.Tensor) -> int:
+    """The first row of the current Lanczos block: one past the last restart (β = 0 exactly,
+    set at each breakdown) before the last row; 0 when nothing restarted."""
+    zeros = (beta[:-1] == 0).nonzero()
+    return int(zeros[-1]) + 1 if zeros.numel() else 0
+
+
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor):
+    """Ritz values θ (descending), vectors S (columns), residuals r and a mask of the current
+    block's values. After restarts T is block diagonal; the earlier blocks and the current one
+    are solved apart, so the earlier values (exact: an invariant subspace) keep residual 0 and
+    their vectors never mix with the current block's. Without a restart this is one eigh."""
+    m = alpha.numel()
+    b = _block_start(beta)
+    parts = [torch.linalg.eigh(_tridiag(alpha[s], beta[s])) for s in (slice(0, b), slice(b, m))]
+    theta = torch.cat([vals.flip(0) for vals, _ in parts])
+    S = torch.block_diag(*[vecs.flip(1) for _, vecs in parts])
+    theta, order = theta.sort(descending=True, stable=True)  # the identity without a restart
+    S = S[:, order]
+    current = (torch.arange(m, device=alpha.device) >= b)[order]
+    return theta, S, (beta[m - 1] * S[m - 1, :]).abs(), current
+
+
+def _error_bounds(theta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """errᵢ = min(rᵢ, rᵢ²/gapᵢ), gapᵢ the distance from θᵢ to the other Ritz values less their
+    residuals (another Ritz value θⱼ only places an eigenvalue within rⱼ of itself)."""
+    m = theta.numel()
+    gaps = torch.full_like(theta, math.inf)
+    if m > 1:
+        d = ((theta[:, None] - theta[None, :]).abs() - r[None, :]).clamp_min(0)
+        d.fill_diagonal_(math.inf)
+        gaps = d.min(1).values
+    gaps[m - 1] = 0  # nothing is known below the lowest Ritz value: its bound is r alone
+    return torch.fmin(r, r.square() / gaps)  # fmin: r = 0 (a breakdown) is exact, not 0/0
+
+
+def _complement_converged(theta, r, err, current, k: int, tol: float) -> bool:
+    """After a restart the current block explores the complement of the earlier blocks, whose
+    eigenvalues it approaches from below: the top k stand once its largest Ritz value strictly
+    below θ_k is converged too, so that no eigenvalue of the complement is still on its way up
+    past θ_k. Its gap is to the other current values less their residuals and to the earlier
+    exact values (``err`` already holds that); if it is the current block's lowest value,
+    nothing is known below it and its bound is its residual alone."""
+    below = (current & (theta < theta[k - 1])).nonzero().flatten()
+    if below.numel() == 0:  # every current value is in the top k: more may follow
+        return False
+    i = int(below[0])
+    bound = r[i] if i == int(current.nonzero()[-1]) else err[i]
+    return bool(bound <= tol * theta[i].abs())
+
+
+def _check_count(name: str, value, meaning: str, advice: str, least: int = 1) -> None:
+    """Refuse a count that is not an int >= ``least`` (0 gave NaN, a hang or a raw error)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise CurvkitValueError(
+            f"{name} must be an int >= {least} ({meaning}), got {value!r}. {advice}"
+        )
+
+
+def _check_tol(tol) -> None:
+    ok = isinstance(tol, numbers.Real) and not isinstance(tol, bool)
+    if not (ok and math.isfinite(tol) and tol > 0):
+        raise CurvkitValueError(
+            f"tol must be a finite positive number (the relative accuracy asked of each "
+            f"eigenvalue), got {tol!r}. Pass e.g. tol=1e-4 (the default) or tol=1e-8."
+        )
+
+
 def top_eigenvalues(
     op,
     k: int = 1,
@@ -160,11 +252,16 @@ def top_eigenvalues(
     the distance to the nearest other Ritz value θⱼ less its residual rⱼ (the eigenvalue θⱼ
     stands for may lie that much closer); the iteration stops once errᵢ ≤ tol·|θᵢ| for all k —
     no iteration count to tune. (Like every Krylov method it cannot see an eigenvalue whose
-    eigenvector the start vector misses; a random start makes that improbable.) When the
-    Krylov space is exhausted before k values exist (fewer than k distinct eigenvalues, or a
-    rank below k) it goes on from a fresh random vector orthogonal to it, which finds the
-    repeated eigenvalues and the zeros. Structured operators (KFAC, diagonal, blocks,
-    low-rank) answer exactly from their structure instead.
+    eigenvector the start vector misses; a random start makes that improbable.) A Krylov space
+    holds one vector per distinct eigenvalue: when it is exhausted (a breakdown: it spans an
+    invariant subspace, whose Ritz values are exact) before the whole space is, the orthogonal
+    complement is unexplored — it may hold more copies of a repeated eigenvalue, or zeros — so
+    Lanczos never stops there but goes on from a fresh random vector orthogonal to the basis.
+    After such a restart it also waits until the new block's largest Ritz value below θ_k is
+    converged, so the complement hides nothing above θ_k. Once its Krylov space is exhausted,
+    an operator with a repeated eigenvalue or a null space may thus take up to min(n, max_iter)
+    products. Structured operators (KFAC, diagonal, blocks, low-rank) answer exactly from their
+    structure instead.
 
     The start vector ``v0`` defaults to a random vector (from ``generator``) plus, for a Hessian
     operator from ``ck.hessian``, the loss gradient at equal norm: the gradient lies mostly in
@@ -183,8 +280,7 @@ def top_eigenvalues(
         )
     if not isinstance(k, int) or not 1 <= k <= n:
         raise CurvkitValueError(f"k must be an int in [1, {n}], got {k!r}.")
-    if tol <= 0:
-        raise CurvkitValueError(f"tol must be positive, got {tol!r}.")
+    _check_tol(tol)
     if hasattr(op, "top_eigenpairs"):  # structured: exact from the structure, no iteration
         vals, vecs = op.top_eigenpairs(k)
         return (vals, vecs) if eigenvectors else vals
@@ -198,23 +294,30 @@ def top_eigenvalues(
 
     def converged(Q, alpha, beta):
         m = alpha.numel()
-        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
-        theta, S = theta.flip(0), S.flip(1)
-        r = (beta[m - 1] * S[m - 1, :]).abs()
-        gaps = torch.full_like(theta, math.inf)
-        if m > 1:  # another Ritz value θⱼ only places an eigenvalue within rⱼ of itself
-            d = ((theta[:, None] - theta[None, :]).abs() - r[None, :]).clamp_min(0)
-            d.fill_diagonal_(math.inf)
-            gaps = d.min(1).values
-        gaps[m - 1] = 0  # nothing is known below the lowest Ritz value: its bound is r alone
-        err = torch.fmin(r, r.square() / gaps)  # fmin: r = 0 (a breakdown) is exact, not 0/0
+        theta, S, r, current = _ritz(alpha, beta)
+        err = _error_bounds(theta, r)
         state.update(theta=theta, S=S, err=err)
-        return m >= k and bool((err[:k] <= tol * theta[:k].abs()).all())
+        if m < k:
+            return False
+        if not bool((err[:k] <= tol * theta[:k].abs()).all()):
+            return False
+        if beta[m - 1] == 0 and m < n:
+            if bool(current.all()):
+                return False
+            top = theta[current].max()
+            return bool(top <= theta[k - 1] + 1e-12 * theta.abs().max())
+        return bool(current.all()) or _complement_converged(theta, r, err, current, k, tol)
 
-    # restart: a breakdown before k Ritz values (an invariant subspace of dimension < k: fewer
-    # than k distinct eigenvalues, or a rank below k) goes on from a fresh random vector
+    # restart: at a breakdown (an invariant subspace found) Lanczos goes on from a fresh random
+    # vector orthogonal to it; the basis starts with room for 2k + 40 vectors and grows
     Q, alpha, beta = _lanczos(
-        op, v0, max_iter, on_step=converged, restart=True, generator=generator
+        op,
+        v0,
+        max_iter,
+        on_step=converged,
+        restart=True,
+        generator=generator,
+        rows=2 * k + 40,
     )
     theta, S, err = state["theta"], state["S"], state["err"]
     if not bool((err[:k] <= tol * theta[:k].abs()).all()) and Q.shape[0] < n:
@@ -245,13 +348,29 @@ def estimate_trace(
     """A stochastic estimate of tr(A) from ``num_matvecs`` products (Rademacher probes).
 
     ``method="hutchinson"``: mean of zᵀAz. ``"hutch++"`` (Meyer et al., 2021): exact trace on a
-    sketched top subspace plus Hutchinson on the rest — far lower variance for decaying spectra.
+    sketched top subspace plus Hutchinson on the rest — far lower variance for decaying spectra;
+    it spends num_matvecs // 3 products on each of its three stages, so it needs at least 3.
     For the exact trace use ``op.trace()``.
     """
     op = _as_operator(op)
     n = op.shape[0]
     if method not in ("hutchinson", "hutch++"):
         raise CurvkitValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}.")
+    if method == "hutchinson":
+        _check_count(
+            "num_matvecs",
+            num_matvecs,
+            "products with the operator",
+            "Pass num_matvecs=60 (the default) or more: the error falls as 1/sqrt(num_matvecs).",
+        )
+    else:
+        _check_count(
+            "num_matvecs",
+            num_matvecs,
+            "hutch++ spends a third on a sketch, a third on its products, a third on probes",
+            "Pass num_matvecs=60 (the default), or method='hutchinson' for fewer products.",
+            least=3,
+        )
 
     def rademacher(m):
         z = torch.randint(0, 2, (n, m), generator=generator).to(op.dtype).to(op.device)
@@ -260,7 +379,7 @@ def estimate_trace(
     if method == "hutchinson":
         Z = rademacher(num_matvecs)
         return (Z * (op @ Z)).sum() / num_matvecs
-    m = max(num_matvecs // 3, 1)
+    m = num_matvecs // 3
     Q, _ = torch.linalg.qr(op @ rademacher(m))
     G = rademacher(m)
     G = G - Q @ (Q.T @ G)
@@ -275,8 +394,18 @@ def estimate_diagonal(
     Σⱼ≠ᵢ Aᵢⱼ² / num_matvecs. For the exact diagonal use ``structure="diag"``."""
     op = _as_operator(op)
     n = op.shape[0]
-    if not isinstance(num_matvecs, int) or num_matvecs < 1:
-        raise CurvkitValueError(f"num_matvecs must be a positive int, got {num_matvecs!r}.")
+    _check_count(
+        "num_matvecs",
+        num_matvecs,
+        "products with the operator",
+        "Pass num_matvecs=60 (the default) or more: the variance falls as 1/num_matvecs.",
+    )
+    _check_count(
+        "block",
+        block,
+        "probes per product",
+        "Pass block=16 (the default); a smaller block only saves memory.",
+    )
     acc = torch.zeros(n, dtype=op.dtype, device=op.device)
     done = 0
     while done < num_matvecs:
@@ -297,36 +426,62 @@ def spectral_density(
     generator: torch.Generator | None = None,
 ):
     """Stochastic Lanczos quadrature: (x (grid,), density (grid,)) — a Gaussian-smoothed
-    eigenvalue density that integrates to 1 (Ghorbani et al., 2019)."""
+    eigenvalue density that integrates to 1 (Ghorbani et al., 2019). The grid spans the Ritz
+    values plus 5% each side, and at least 1e-3 of their magnitude (a single distinct
+    eigenvalue has no spread); ``sigma`` defaults to 1% of that span."""
     op = _as_operator(op, "spectral_density")
     n = op.shape[0]
+    _check_density_args(num_probes, steps, grid, sigma)
     nodes, weights = [], []
     for _ in range(num_probes):
         v = torch.randn(n, generator=generator, dtype=op.dtype).to(op.device)
-        _, alpha, beta = _lanczos(op, v, min(steps, n))
+        _, alpha, beta = _lanczos(op, v, min(steps, n), advice="Lower steps.")
         theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
         nodes.append(theta)
         weights.append(S[0, :].square())
     theta, w = torch.cat(nodes), torch.cat(weights) / num_probes
     lo, hi = float(theta.min()), float(theta.max())
-    span = max(hi - lo, 1e-12)
+    # a single distinct eigenvalue (the identity) has no spread: in float32 a grid that narrow
+    # collapses onto a few representable points and the density integrated to ~10
+    span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-12)
+    pad = 0.05 * span + 0.5 * (span - (hi - lo))  # centred; 0.05 * span when hi - lo is wide
     sigma = sigma or span / 100
-    x = torch.linspace(lo - 0.05 * span, hi + 0.05 * span, grid, dtype=op.dtype)
+    x = torch.linspace(lo - pad, hi + pad, grid, dtype=op.dtype)
     dens = (
         w[None, :].cpu() * torch.exp(-0.5 * ((x[:, None] - theta[None, :].cpu()) / sigma).square())
     ).sum(1) / (sigma * math.sqrt(2 * math.pi))
     return x, dens
 
 
+def _check_density_args(num_probes, steps, grid, sigma) -> None:
+    _check_count(
+        "num_probes",
+        num_probes,
+        "random start vectors averaged",
+        "Pass num_probes=5 (the default) or more for a smoother density.",
+    )
+    _check_count("steps", steps, "Lanczos steps per probe", "Pass steps=80 (the default).")
+    _check_count("grid", grid, "points the density is evaluated at", "Pass grid=400.", least=2)
+    if sigma is None:
+        return
+    ok = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
+    if not (ok and math.isfinite(sigma) and sigma > 0):
+        raise CurvkitValueError(
+            f"sigma must be a finite positive width (the Gaussian smoothing of each Ritz "
+            f"value), got {sigma!r}. Pass sigma=None for 1% of the spectrum's span."
+        )
+
+
 def plot_spectral_density(
-    x: torch.Tensor,
-    density: torch.Tensor,
+    x,
+    density,
     path: str,
     *,
     title: str = "spectral density",
     log: bool = True,
 ) -> str:
-    """Save a PNG of a density from ``spectral_density`` (needs matplotlib: curvkit[plot])."""
+    """Save a PNG of a density from ``spectral_density`` (tensors or arrays; needs matplotlib:
+    curvkit[plot])."""
     try:
         import matplotlib
 
@@ -335,8 +490,8 @@ def plot_spectral_density(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plotting needs matplotlib: pip install 'curvkit[plot]'.") from e
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    y = density.detach().cpu().numpy()
-    ax.plot(x.detach().cpu().numpy(), y)
+    y = torch.as_tensor(density).detach().cpu().numpy()
+    ax.plot(torch.as_tensor(x).detach().cpu().numpy(), y)
     if log:
         ax.set_yscale("log")
         ax.set_ylim(max(y.max() * 1e-8, 1e-12), y.max() * 2)
