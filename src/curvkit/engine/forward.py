@@ -405,6 +405,8 @@ class Forward:
         n = batch.size
         if n == 1:
             return None
+        if not self._candidates:
+            return frozenset()  # no rule to confirm: no second forward pass
         m = 1 if n == 2 else 2
         sub = _map_tensors(batch.inputs, lambda t: t[:m] if t.dim() and t.shape[0] == n else t)
         seen: dict[int, list] = defaultdict(list)
