@@ -138,6 +138,16 @@ def test_embedding_with_max_norm():
     assert "max_norm = None" in str(err), str(err)
 
 
+@pytest.mark.parametrize("limit", [-5, 0, "1e9", 1.5e9, True])
+def test_memory_limit_must_be_a_positive_int(limit):
+    x, t = _ce_batch()
+    expect_error(
+        ValueError,
+        ("memory_limit",),
+        lambda: ck.ggn(_mlp(), nn.CrossEntropyLoss(), (x, t), memory_limit=limit),
+    )
+
+
 def test_inf_in_a_parameter():
     model = _mlp()
     with torch.no_grad():

@@ -278,3 +278,28 @@ def test_parameter_slices_index_the_curvature_blocks():
     for n, s in ck.parameter_slices(c.model).items():
         block = ck.hessian(c.model, c.loss_fn, c.data, params=[named[n]])
         assert_close(h[s, s], block, what=n)
+
+
+def test_mc_fisher_operator_refuses_a_reshuffling_loader():
+    """Its labels are drawn once per batch index: with shuffle=True the next pass paired them
+    with other samples, and two products with the same vector differed by 20%."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    model = model.double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    F = ck.fisher(model, torch.nn.CrossEntropyLoss(), loader, structure="operator")
+    v = torch.randn(F.shape[0], dtype=torch.float64)
+    F @ v
+    with pytest.raises(ck.CurvkitValueError, match="fixed order"):
+        F @ v
+    fixed = ck.fisher(
+        model,
+        torch.nn.CrossEntropyLoss(),
+        torch.utils.data.DataLoader(data, batch_size=4),
+        structure="operator",
+    )
+    assert torch.equal(fixed @ v, fixed @ v)

@@ -425,3 +425,52 @@ def test_top_eigenvalues_takes_a_start_vector():
     for bad, msg in [(torch.ones(39), r"shape \(40,\)"), (torch.zeros(40), "nonzero")]:
         with pytest.raises(ck.CurvkitValueError, match=msg):
             ck.top_eigenvalues(A, k=3, v0=bad)
+
+
+def test_a_loader_whose_data_changed_is_refused_and_a_reshuffled_one_is_not():
+    """The kept state is per batch index of the first pass; a DataLoader collates fresh
+    tensors every pass, so an edit of the dataset's tensors went unseen (the old Hessian came
+    back, 1.7 off). The same samples in another order still give the same matrix."""
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    x, y = x.clone(), y.clone()
+    data = torch.utils.data.TensorDataset(x, y)
+    fixed = torch.utils.data.DataLoader(data, batch_size=3)
+    H = ck.hessian(model, loss, fixed, structure="operator")
+    v = torch.randn(H.shape[0], dtype=DT)
+    first = H @ v
+    shuffled = ck.hessian(
+        model,
+        loss,
+        torch.utils.data.DataLoader(
+            data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0)
+        ),
+        structure="operator",
+    )
+    assert_close(shuffled @ v, first, what="first pass")
+    assert_close(shuffled @ v, first, what="another order, same samples")
+    with torch.no_grad():
+        x.mul_(3)
+    with pytest.raises(ck.CurvkitValueError, match="data changed"):
+        H @ v
+    with pytest.raises(ck.CurvkitValueError, match="data changed"):
+        H.gradient()
+
+
+def test_every_query_of_a_stale_hessian_operator_is_refused():
+    """Products refused after a change while diagonal(), to_dense() and trace() answered for
+    the new model: one operator must be one matrix."""
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    model = __import__("copy").deepcopy(model)
+    H = ck.hessian(model, loss, (x, y), structure="operator")
+    H @ torch.randn(H.shape[0], dtype=DT)
+    _sgd_step(model, x, y)
+    for query in (H.diagonal, H.to_dense, H.trace):
+        with pytest.raises(ck.CurvkitValueError, match="changed after"):
+            query()
+
+
+def test_products_with_no_columns():
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    for fn in (ck.hessian, ck.ggn, ck.ef, ck.fisher):
+        op = fn(model, loss, (x, y), structure="operator")
+        assert (op @ torch.empty(op.shape[0], 0, dtype=DT)).shape == (op.shape[0], 0)

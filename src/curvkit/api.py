@@ -68,6 +68,13 @@ def _curvature(
         raise CurvkitValueError(
             f"unknown structure={structure!r}; choose one of {', '.join(map(repr, STRUCTURES))}."
         )
+    if memory_limit is not None and (
+        isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 1
+    ):
+        raise CurvkitValueError(
+            f"memory_limit must be a positive int (bytes) or None (80% of available memory), "
+            f"got {memory_limit!r}; e.g. memory_limit=8 * 2**30 for 8 GiB."
+        )
     layout = resolve_params(model, params)
     dtypes = {t.dtype for t in layout.tensors}
     devices = {t.device for t in layout.tensors}

@@ -16,11 +16,12 @@ class CurvatureOperator(LinearOperator):
 
     ``C @ V`` passes over the data once (one batched product per batch); ``diagonal()`` and
     ``to_dense()`` use the engine's exact reductions, not P products. The MC Fisher draws its
-    samples once, on the first pass, and reuses them, so the operator is a fixed matrix (iterate
-    the data in a fixed order). The Hessian operator keeps, per batch and within the memory
-    budget, what its products need (an autograd graph, or for chains of Linear layers and
-    activations the R-operator's inputs) after the first product. The operator reads the
-    model's parameters in place: update them (an optimiser step) and build a new operator.
+    samples once per batch, on the first pass, and reuses them, so the operator is a fixed matrix
+    (it refuses a loader that reshuffles). The Hessian operator keeps, per batch and within the
+    memory budget, what its products need (an autograd graph, or for chains of Linear layers
+    and activations the R-operator's inputs) after the first product, and refuses to answer
+    once the parameters or the data have changed: build a new operator after an optimiser
+    step.
     """
 
     def __init__(self, problem: Problem, name: str):
@@ -40,6 +41,7 @@ class CurvatureOperator(LinearOperator):
             self.problem.memory_limit,
             "Keep the operator and use products, diagonal() or trace().",
         )
+        self.problem.check_kept()  # one operator, one matrix: as stale as its products
         return self.problem.dense()
 
     def gradient(self) -> torch.Tensor:
@@ -54,6 +56,7 @@ class CurvatureOperator(LinearOperator):
         return self.gradient() if self.problem.kind == "hessian" else None
 
     def diagonal(self) -> torch.Tensor:
+        self.problem.check_kept()
         if self.problem.kind == "hessian":
             return self.problem.hessian_diagonal()
         from .engine.build import build

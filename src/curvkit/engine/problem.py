@@ -23,7 +23,7 @@ from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
 from .hvp import chain_hessian_product
-from .products import batch_gradient, cached_hessian_product
+from .products import batch_gradient, cached_hessian_product, data_print, fingerprint
 
 
 class _Lazy:
@@ -67,11 +67,13 @@ class Problem:
         self.memory_limit = memory_limit
         ref = layout.tensors[0]
         self.dtype, self.device = ref.dtype, ref.device
-        self._fisher_cache: dict[int, torch.Tensor] = {}
+        # batch index -> (its data_print, the parameters' print, the drawn factors)
+        self._fisher_cache: dict[int, tuple[int, int, torch.Tensor]] = {}
         self.forward_ad = True  # set False once an op without forward-mode AD is met
         self._checked: set[int] = set()  # batches whose targets were checked against the loss
         self._kept: dict[int, tuple] = {}  # batch index -> kept Hessian product, gradient
         self._kept_bytes, self._keep_none = 0, False
+        self._kept_print: int | None = None  # data_print of all batches when _kept was made
         self._budget: int | None = None
 
     @property
@@ -96,15 +98,49 @@ class Problem:
         if self.kind == "hessian":
             return None
         if self.kind == "fisher":
-            if i not in self._fisher_cache:  # drawn once, so the matrix stays fixed
-                self._fisher_cache[i] = self.loss.fisher_factors(
-                    out, batch.targets, self.mc_samples, self.generator
-                )
-            F = self._fisher_cache[i]
+            F = self._fisher_factors(i, batch, out)
             return (F, None) if factor else F @ F.transpose(1, 2)
         if factor:
             return self.loss.output_factor(self.kind, out, batch.targets)
         return self.loss.output_matrix(self.kind, out, batch.targets)
+
+    def _fisher_factors(self, i: int, batch: Batch, out: torch.Tensor) -> torch.Tensor:
+        """The batch's sampled factors, drawn once so that the operator stays one matrix; drawn
+        again for new parameters (like every other curvature, the products follow the model),
+        refused for other data at the same batch index (a reshuffling loader, an edit)."""
+        data = data_print(batch)
+        params = sum(int(fingerprint(t)) for t in self.layout.tensors)
+        cached = self._fisher_cache.get(i)
+        if cached is not None and cached[0] != data:
+            raise CurvkitValueError(
+                f"batch {i} holds other data than in this Fisher operator's first pass (a "
+                "DataLoader with shuffle=True, or data edited in place). The operator draws its "
+                "labels once per batch to stay one matrix: iterate the data in a fixed order, or "
+                "build a new operator after editing it."
+            )
+        if cached is None or cached[1] != params:
+            F = self.loss.fisher_factors(out, batch.targets, self.mc_samples, self.generator)
+            self._fisher_cache[i] = cached = (data, params, F)
+        return cached[2]
+
+    def _check_kept_data(self, total: int | None) -> None:
+        """The kept Hessian state answers for the data of the pass that made it: any later
+        pass must bring the same samples (in any order), else refuse."""
+        if total is None:
+            return
+        if self._kept_print is None:
+            self._kept_print = total
+        elif total != self._kept_print:
+            raise CurvkitValueError(
+                "the data changed after this Hessian operator was built (its tensors edited in "
+                "place, or a loader that draws other samples); build a new operator with "
+                "ck.hessian."
+            )
+
+    def check_kept(self) -> None:
+        """Refuse if the parameters or batches the kept products read have changed since."""
+        for kept in self._kept.values():
+            kept[2].check()
 
     def _scale(self, total_norm: float) -> float:
         if self.loss.reduction == "sum":
@@ -241,20 +277,26 @@ class Problem:
         """(P,): the gradient of the loss over the data, scaled like the curvature."""
         out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
 
+        seen: list[int] = []
+
         def body(batch, side, chunks):
             self._check_once(batch, side)
             kept = self._kept_product(batch) if self.kind == "hessian" else None
             if kept is not None:
                 kept[2].check()
+                seen.append(data_print(batch))
             out.add_(batch_gradient(self.forward, batch) if kept is None else kept[1])
 
-        return out.mul_(self._run("gradient", body, lazy=True))
+        scale = self._run("gradient", body, lazy=True)
+        self._check_kept_data(sum(seen) % 2**64 if seen else None)
+        return out.mul_(scale)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """(P, k) -> (P, k): the curvature applied to V, matrix-free."""
 
         def run():
             out = torch.zeros_like(V)
+            seen: list[int] = []
 
             def body(batch, side, chunks):
                 M = None
@@ -264,12 +306,15 @@ class Problem:
                     self._check_once(batch, side)
                 kept = self._kept_product(batch) if self.kind == "hessian" else None
                 if kept is not None:
+                    seen.append(data_print(batch))
                     out.add_(kept[0](V))
                     return
                 fad = self._forward_mode(batch)
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], fad)
                 out.add_(prod(V))
 
-            return out.mul_(self._run("product", body, lazy=True))
+            scale = self._run("product", body, lazy=True)
+            self._check_kept_data(sum(seen) % 2**64 if seen else None)
+            return out.mul_(scale)
 
         return self._with_fallback(run)

@@ -90,7 +90,7 @@ def gauss_newton_product(
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+def fingerprint(t: torch.Tensor) -> torch.Tensor:
     """The integer sum of t's bits: exact and independent of summation order (threads), and it
     moves with any edit, including one through ``.data`` that leaves ``_version`` alone."""
     flat = t.detach()
@@ -102,6 +102,13 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return flat.view(_INT_OF_SIZE[flat.element_size()]).sum()
 
 
+def data_print(batch: Batch) -> int:
+    """The batch's inputs and targets as one integer (sum of :func:`fingerprint`, mod 2⁶⁴ like
+    the int64 sums themselves): the sum over batches is equal for the same samples in any order
+    or split, and different after an edit."""
+    return sum(int(fingerprint(t)) for t in [*_tensors(batch.inputs), batch.targets]) % 2**64
+
+
 class Watch:
     """The tensors kept product state read, as they are now. ``seen`` (parameters, the batch's
     inputs and targets: what users edit, also through ``.data``) keep a fingerprint too;
@@ -109,14 +116,14 @@ class Watch:
 
     def __init__(self, seen, internal=()):
         seen = [t for t in seen if t is not None]
-        self.seen = [(t, t._version, _fingerprint(t)) for t in seen]
+        self.seen = [(t, t._version, fingerprint(t)) for t in seen]
         self.internal = [(t, t._version) for t in internal if t is not None]
 
     def check(self) -> None:
         """An in-place change since (an optimiser step, an edited batch) makes the kept state
         stale: refuse rather than answer for a model that no longer exists."""
         stale = any(t._version != v for t, v in self.internal) or any(
-            t._version != v or not torch.equal(_fingerprint(t), f) for t, v, f in self.seen
+            t._version != v or not torch.equal(fingerprint(t), f) for t, v, f in self.seen
         )
         if stale:
             raise CurvkitValueError(

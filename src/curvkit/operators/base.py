@@ -63,6 +63,8 @@ class LinearOperator:
                 f"matrix ({n}, k); got {tuple(v.shape)}."
             )
         V = v.to(dtype=self.dtype, device=self.device)
+        if V.numel() == 0:  # (n, 0): nothing to multiply, and no pass over the data
+            return torch.zeros_like(V)
         out = self._matmat(V[:, None] if v.dim() == 1 else V)
         return out[:, 0] if v.dim() == 1 else out
 
