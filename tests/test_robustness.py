@@ -375,3 +375,37 @@ def test_modules_that_cannot_run_under_vmap_get_exact_structures(make, shape):
     assert_close(B[B != 0], G[B != 0], what="blocks")
     E = ck.ef(model, ce, (x, y), structure="diag").diagonal()
     assert_close(E, EF.diagonal(), what="EF diagonal")
+
+
+class UsesAWeightTwice(nn.Module):
+    """l1's weight also reaches the output outside l1's call: an escape the probe must see."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)) + x @ self.l1.weight.T)
+
+
+@pytest.mark.parametrize("structure", ["diag", "block", "kron"])
+def test_a_smaller_last_batch_inherits_the_probe_findings(structure):
+    """A batch that differs from a probed one only in its size reuses that probe's findings
+    (escapes, reverse mode, the sample dimension) instead of probing again; the escape found
+    on the first batch must still keep l1 off the rules on the last one."""
+    torch.manual_seed(5)
+    model = UsesAWeightTwice().to(DT)
+    x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    G = ref_ggn(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), 1.0, [(x, y)])
+    op = ck.ggn(model, ce, batches, structure=structure)
+    assert "l1 (exact" in " ".join(op.labels), op.labels
+    D = op.to_dense()
+    if structure == "kron":
+        i = torch.cat(
+            [torch.arange(s.start, s.stop) for s in ck.parameter_slices(model).values()][:2]
+        )
+        D, G = D[i][:, i], G[i][:, i]
+    mask = D != 0
+    assert_close(D[mask], G[mask], what=f"{structure} over batches of 5 and 3")

@@ -243,6 +243,7 @@ class Forward:
         self.model, self.layout, self.loss, self.output_fn = model, layout, loss, output_fn
         self.params = {n: t.detach() for n, t in zip(layout.names, layout.tensors)}
         self._probe_cache: dict = {}
+        self._families: dict = {}  # _family(batch) -> the findings of its first probe
         self._chains: dict[tuple, bool] = {}  # input shapes -> whether the fast route applies
         self.scratch: dict = {}  # buffers the chain route reuses across chunks and batches
         self.checked: set = set()  # one-time checks done, by (what, input shapes)
@@ -340,8 +341,10 @@ class Forward:
         # (``x @ layer.weight`` in a parent's forward): rules that see a parameter only
         # through its module would miss that use, so such layers take the generic path.
         # It calls the model on detached parameters with grad mode on (no graph is built), so
-        # that grad mode switched off inside forward() shows.
-        watch = _Watch({id(t) for t in self.params.values()}) if probing else None
+        # that grad mode switched off inside forward() shows. A batch that differs from a
+        # probed one only in its size (a loader's last batch) takes those findings over.
+        kin = self._families.get(self._family(batch)) if probing else None
+        watch = _Watch({id(t) for t in self.params.values()}) if probing and not kin else None
         before: list[int] = []
 
         def pre_hook(mod, args, kwargs):
@@ -363,7 +366,7 @@ class Forward:
         handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in leaves]
         handles += [m.register_forward_hook(hook, with_kwargs=True) for m in leaves]
         try:
-            if probing:
+            if watch is not None:
                 with torch.enable_grad(), watch:
                     raw = call_model(self.model, batch.inputs, self._probe_params())
             else:
@@ -386,11 +389,27 @@ class Forward:
                 (tuple(c.input.shape), tuple(c.output.shape)) if ok else ((), ())
             )
             numel += 0 if c.output is None else c.output.numel()
-        real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
-        found = frozenset(real[i] for i in watch.found)
-        probe = (dict(shapes), numel, found, watch.reverse_only, self._batched(batch))
+        if kin is not None:
+            found, reverse_only, batched = kin
+            if batched is None and batch.size > 1:  # kin had one sample: nothing to take over
+                batched = self._batched(batch)
+        else:
+            real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
+            found = frozenset(real[i] for i in watch.found)
+            reverse_only, batched = watch.reverse_only, self._batched(batch)
+            self._families[self._family(batch)] = (found, reverse_only, batched)
+        probe = (dict(shapes), numel, found, reverse_only, batched)
         batch.probe = self._probe_cache[key] = probe
         return Trace(calls, out)
+
+    def _family(self, batch: Batch) -> tuple:
+        """The input shapes with the sample dimension blanked: batches that differ only in
+        their number of samples."""
+        n = batch.size
+        return tuple(
+            ((-1, *t.shape[1:]) if t.dim() and t.shape[0] == n else tuple(t.shape), t.dtype)
+            for t in _tensors(batch.inputs)
+        )
 
     def _batched(self, batch: Batch) -> frozenset[int] | None:
         """ids of the candidate modules whose input has the sample dimension first, or None for
