@@ -74,6 +74,7 @@ class Problem:
         self._kept: dict[int, tuple] = {}  # batch index -> kept Hessian product, gradient
         self._kept_bytes, self._keep_none = 0, False
         self._kept_print: int | None = None  # data_print of all batches when _kept was made
+        self._params_print: int | None = None  # the parameters' fingerprint, once per pass
         self._budget: int | None = None
 
     @property
@@ -109,7 +110,9 @@ class Problem:
         again for new parameters (like every other curvature, the products follow the model),
         refused for other data at the same batch index (a reshuffling loader, an edit)."""
         data = data_print(batch)
-        params = sum(int(fingerprint(t)) for t in self.layout.tensors)
+        if self._params_print is None:  # once per pass: parameters do not change within one
+            self._params_print = sum(int(fingerprint(t)) for t in self.layout.tensors)
+        params = self._params_print
         cached = self._fisher_cache.get(i)
         if cached is not None and cached[0] != data:
             raise CurvkitValueError(
@@ -178,6 +181,7 @@ class Problem:
         ``side`` is Mₙ (or (Fₙ, σₙ) with ``factor``) from a forward pass made here, or, with
         ``lazy``, a function ``out -> side`` for bodies that run the forward pass themselves."""
         total_norm = 0.0
+        self._params_print = None
         with torch.no_grad():
             for i, batch in self._batches(desc):
                 batch.index = i
@@ -288,7 +292,7 @@ class Problem:
             out.add_(batch_gradient(self.forward, batch) if kept is None else kept[1])
 
         scale = self._run("gradient", body, lazy=True)
-        self._check_kept_data(sum(seen) % 2**64 if seen else None)
+        self._check_kept_data(sum(seen) % 2**32 if seen else None)
         return out.mul_(scale)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -314,7 +318,7 @@ class Problem:
                 out.add_(prod(V))
 
             scale = self._run("product", body, lazy=True)
-            self._check_kept_data(sum(seen) % 2**64 if seen else None)
+            self._check_kept_data(sum(seen) % 2**32 if seen else None)
             return out.mul_(scale)
 
         return self._with_fallback(run)

@@ -91,22 +91,25 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """The integer sum of t's bits: exact and independent of summation order (threads), and it
-    moves with any edit, including one through ``.data`` that leaves ``_version`` alone."""
+    """The integer sum of t's bits, wrapping (mod 2³² for elements up to 4 bytes, mod 2⁶⁴
+    above): exact and independent of summation order (threads), and it moves with any edit,
+    including one through ``.data`` that leaves ``_version`` alone. Summed in the elements' own
+    width it costs what a float sum does (5.8 against 13 µs for 65k floats widened to int64)."""
     flat = t.detach()
     if flat.is_complex():
         flat = torch.view_as_real(flat)
     flat = flat.contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    return flat.view(_INT_OF_SIZE[flat.element_size()]).sum()
+    size = flat.element_size()
+    return flat.view(_INT_OF_SIZE[size]).sum(dtype=_INT_OF_SIZE[max(size, 4)])
 
 
 def data_print(batch: Batch) -> int:
-    """The batch's inputs and targets as one integer (sum of :func:`fingerprint`, mod 2⁶⁴ like
-    the int64 sums themselves): the sum over batches is equal for the same samples in any order
-    or split, and different after an edit."""
-    return sum(int(fingerprint(t)) for t in [*_tensors(batch.inputs), batch.targets]) % 2**64
+    """The batch's inputs and targets as one integer (sum of :func:`fingerprint` mod 2³², which
+    every fingerprint agrees with): the sum over batches is equal for the same samples in any
+    order or split, and different after an edit."""
+    return sum(int(fingerprint(t)) for t in [*_tensors(batch.inputs), batch.targets]) % 2**32
 
 
 class Watch:
