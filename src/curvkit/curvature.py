@@ -26,6 +26,7 @@ class CurvatureOperator(LinearOperator):
 
     def __init__(self, problem: Problem, name: str):
         self.problem, self.name = problem, name
+        problem.repeated = True  # products and diagonals must agree pass after pass
         self.shape = (problem.P, problem.P)
         self.dtype, self.device = problem.dtype, problem.device
 

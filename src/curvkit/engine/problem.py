@@ -23,7 +23,7 @@ from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
 from .hvp import chain_hessian_product
-from .products import batch_gradient, cached_hessian_product, data_print, fingerprint
+from .products import batch_gradient, cached_hessian_product, data_print
 
 
 class _Lazy:
@@ -67,14 +67,16 @@ class Problem:
         self.memory_limit = memory_limit
         ref = layout.tensors[0]
         self.dtype, self.device = ref.dtype, ref.device
-        # batch index -> (its data_print, the parameters' print, the drawn factors)
-        self._fisher_cache: dict[int, tuple[int, int, torch.Tensor]] = {}
+        # batch index -> (its data_print, the drawn factors), drawn at ``_fisher_params``
+        self._fisher_cache: dict[int, tuple[int, torch.Tensor]] = {}
+        self._fisher_params: list[torch.Tensor] | None = None
+        self.repeated = False  # set by an operator, whose passes must agree with each other
         self.forward_ad = True  # set False once an op without forward-mode AD is met
         self._checked: set[int] = set()  # batches whose targets were checked against the loss
         self._kept: dict[int, tuple] = {}  # batch index -> kept Hessian product, gradient
         self._kept_bytes, self._keep_none = 0, False
         self._kept_print: int | None = None  # data_print of all batches when _kept was made
-        self._params_print: int | None = None  # the parameters' fingerprint, once per pass
+        self._params_checked = False  # the MC Fisher's parameters compared in this pass
         self._budget: int | None = None
 
     @property
@@ -109,10 +111,17 @@ class Problem:
         """The batch's sampled factors, drawn once so that the operator stays one matrix; drawn
         again for new parameters (like every other curvature, the products follow the model),
         refused for other data at the same batch index (a reshuffling loader, an edit)."""
+        if not self.repeated:  # one pass: nothing to keep consistent across passes
+            return self.loss.fisher_factors(out, batch.targets, self.mc_samples, self.generator)
+        if not self._params_checked:  # once per pass: parameters do not change within one
+            self._params_checked = True
+            now = self.layout.tensors
+            if self._fisher_params is None or not all(
+                torch.equal(t.detach(), c) for t, c in zip(now, self._fisher_params)
+            ):
+                self._fisher_cache.clear()  # new parameters: new draws, like every curvature
+                self._fisher_params = [t.detach().clone() for t in now]
         data = data_print(batch)
-        if self._params_print is None:  # once per pass: parameters do not change within one
-            self._params_print = sum(int(fingerprint(t)) for t in self.layout.tensors)
-        params = self._params_print
         cached = self._fisher_cache.get(i)
         if cached is not None and cached[0] != data:
             raise CurvkitValueError(
@@ -121,10 +130,15 @@ class Problem:
                 "labels once per batch to stay one matrix: iterate the data in a fixed order, or "
                 "build a new operator after editing it."
             )
-        if cached is None or cached[1] != params:
+        if cached is None:
             F = self.loss.fisher_factors(out, batch.targets, self.mc_samples, self.generator)
-            self._fisher_cache[i] = cached = (data, params, F)
-        return cached[2]
+            self._fisher_cache[i] = cached = (data, F)
+        return cached[1]
+
+    def _data_print(self, batch: Batch) -> int:
+        """data_print of a batch of a loader; 0 for data given as one batch, whose tensors the
+        kept state's Watch already compares exactly."""
+        return 0 if self.source.single else data_print(batch)
 
     def _check_kept_data(self, total: int | None) -> None:
         """The kept Hessian state answers for the data of the pass that made it: any later
@@ -181,7 +195,7 @@ class Problem:
         ``side`` is Mₙ (or (Fₙ, σₙ) with ``factor``) from a forward pass made here, or, with
         ``lazy``, a function ``out -> side`` for bodies that run the forward pass themselves."""
         total_norm = 0.0
-        self._params_print = None
+        self._params_checked = False
         with torch.no_grad():
             for i, batch in self._batches(desc):
                 batch.index = i
@@ -288,11 +302,11 @@ class Problem:
             kept = self._kept_product(batch) if self.kind == "hessian" else None
             if kept is not None:
                 kept[2].check()
-                seen.append(data_print(batch))
+                seen.append(self._data_print(batch))
             out.add_(batch_gradient(self.forward, batch) if kept is None else kept[1])
 
         scale = self._run("gradient", body, lazy=True)
-        self._check_kept_data(sum(seen) % 2**32 if seen else None)
+        self._check_kept_data(sum(seen) % 2**64 if seen else None)
         return out.mul_(scale)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -310,7 +324,7 @@ class Problem:
                     self._check_once(batch, side)
                 kept = self._kept_product(batch) if self.kind == "hessian" else None
                 if kept is not None:
-                    seen.append(data_print(batch))
+                    seen.append(self._data_print(batch))
                     out.add_(kept[0](V))
                     return
                 fad = self._forward_mode(batch)
@@ -318,7 +332,7 @@ class Problem:
                 out.add_(prod(V))
 
             scale = self._run("product", body, lazy=True)
-            self._check_kept_data(sum(seen) % 2**32 if seen else None)
+            self._check_kept_data(sum(seen) % 2**64 if seen else None)
             return out.mul_(scale)
 
         return self._with_fallback(run)
