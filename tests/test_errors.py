@@ -148,6 +148,24 @@ def test_memory_limit_must_be_a_positive_int(limit):
     )
 
 
+def test_a_shape_error_with_half_inputs_is_not_called_a_dtype_mismatch():
+    """A model that casts its float16 inputs itself and then has a genuine shape bug: the
+    dtype hint fired for any error while the dtypes differed, hiding torch's real message."""
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.l(x.float()).view(-1, 5)  # the bug: 12 values do not make rows of 5
+
+    x, t = torch.randn(6, 3).half(), torch.randint(0, 2, (6,))
+    with pytest.raises(RuntimeError) as err:
+        ck.ggn(Broken(), nn.CrossEntropyLoss(), (x, t))
+    assert "float16" not in str(err.value) and "invalid for input" in str(err.value)
+
+
 def test_inf_in_a_parameter():
     model = _mlp()
     with torch.no_grad():

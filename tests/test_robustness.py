@@ -409,3 +409,16 @@ def test_a_smaller_last_batch_inherits_the_probe_findings(structure):
         D, G = D[i][:, i], G[i][:, i]
     mask = D != 0
     assert_close(D[mask], G[mask], what=f"{structure} over batches of 5 and 3")
+
+
+def test_a_last_batch_as_small_as_the_sub_probe_probes_again():
+    """Batches of 8 then 2 with a learned (2, F) table: the second batch took over the first's
+    probe, whose sub-run on 2 samples had marked the table's layer batched, and at N = 2 the
+    table's rows were read as samples (dense GGN 20 off on a scale of 80)."""
+    torch.manual_seed(6)
+    model = TableProjection(T=2).to(DT).eval()
+    x, y = torch.randn(10, 2, 3, dtype=DT), torch.randint(0, 3, (10,))
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    G = ref_ggn(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), 1.0, [(x, y)])
+    got = ck.ggn(model, nn.CrossEntropyLoss(reduction="sum"), batches)
+    assert_close(got, G, what="dense GGN over batches of 8 and 2")

@@ -616,3 +616,13 @@ def test_lanczos_tools_refuse_a_nonsymmetric_matrix(tool):
     fn(S)
     with pytest.raises(ck.CurvkitTypeError, match="floating-point"):
         fn(torch.eye(3, dtype=torch.long))
+
+
+def test_a_breakdown_blurred_by_rounding_still_restarts():
+    """After the Krylov space of diag(5,5,5,1,.5,.1) is exhausted, rounding leaves β ≈ 5e-12
+    in float64, above the old 1e-12 threshold: no restart, and k=2 gave [5, 1]."""
+    A = torch.diag(torch.tensor([5.0, 5, 5, 1, 0.5, 0.1], dtype=DT))
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=_gen(41), dtype=DT))
+    for M in (A, Q @ A @ Q.T):
+        got = ck.top_eigenvalues((M + M.T) / 2, k=2, tol=1e-10, generator=_gen(42))
+        assert_close(got, [5.0, 5.0], rtol=1e-10, what="both copies of 5")

@@ -7,6 +7,7 @@ the HuggingFace convention).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -220,6 +221,8 @@ def call_model(
 def _dtype_mismatch(model: nn.Module, inputs: Any, e: RuntimeError) -> Exception | None:
     """A clear error for the common failure of float64 data (``torch.from_numpy``) fed to a
     float32 model, which torch reports deep inside the first layer; None for anything else."""
+    if not re.search(r"dtype|scalar type|Double|Float|Half|BFloat16", str(e)):
+        return None  # another error: torch's own message says more than a guess would
     theirs = {t.dtype for t in _tensors(inputs) if t.is_floating_point()}
     ours = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if not theirs or not ours or theirs <= ours:

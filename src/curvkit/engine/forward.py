@@ -391,7 +391,9 @@ class Forward:
             numel += 0 if c.output is None else c.output.numel()
         if kin is not None:
             found, reverse_only, batched = kin
-            if batched is None and batch.size > 1:  # kin had one sample: nothing to take over
+            if batched is None or batch.size <= 2:
+                # kin had one sample, or this batch is as small as _batched's own sub-batch
+                # (m = 1 or 2), where a (2, F) table's leading size would pass for N
                 batched = self._batched(batch)
         else:
             real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}

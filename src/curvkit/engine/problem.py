@@ -121,7 +121,7 @@ class Problem:
             ):
                 self._fisher_cache.clear()  # new parameters: new draws, like every curvature
                 self._fisher_params = [t.detach().clone() for t in now]
-        data = data_print(batch)
+        data = data_print(batch, ordered=True)  # its factors belong to its rows, in order
         cached = self._fisher_cache.get(i)
         if cached is not None and cached[0] != data:
             raise CurvkitValueError(

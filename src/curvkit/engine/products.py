@@ -91,26 +91,36 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (the golden ratio)
 
 
-def fingerprint(t: torch.Tensor) -> int:
-    """A 64-bit sum over t's elements of a mix of each one's bits (an xor-shift-multiply hash):
-    independent of the summation order, so the sum over a loader's batches is the same for the
-    same samples in any order or split, and moved by any edit, including a sign flip or two
-    swapped values that a plain sum of the bits would miss."""
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """An xor-shift-multiply hash of each int64 (products wrap around: arithmetic mod 2⁶⁴)."""
+    x = (x ^ (x >> 31)) * _MIX
+    x = (x ^ (x >> 29)) * _MIX
+    return x ^ (x >> 32)
+
+
+def fingerprint(t: torch.Tensor, ordered: bool = False) -> int:
+    """A 64-bit sum over t's elements of a hash of each one's bits: moved by any edit, a sign
+    flip or two swapped values included (a plain sum of the bits misses both). Unordered, it
+    does not depend on the order of t's rows, so the sum over a loader's batches is the same
+    for the same samples in any order or split; ``ordered`` hashes each row with its position
+    too, for state kept per row."""
     flat = t.detach()
     if flat.is_complex():
         flat = torch.view_as_real(flat)
     flat = flat.contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    x = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
-    x = (x ^ (x >> 31)) * _MIX  # int64 products wrap around: arithmetic mod 2⁶⁴
-    x = (x ^ (x >> 29)) * _MIX
-    return int((x ^ (x >> 32)).sum()) % 2**64
+    x = _mix(flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64))
+    if ordered and t.dim() >= 1 and t.shape[0] > 1:
+        rows = x.view(t.shape[0], -1).sum(1)
+        x = _mix(rows + torch.arange(t.shape[0], device=rows.device) * _MIX)
+    return int(x.sum()) % 2**64
 
 
-def data_print(batch: Batch) -> int:
+def data_print(batch: Batch, ordered: bool = False) -> int:
     """The batch's inputs and targets as one integer mod 2⁶⁴ (see :func:`fingerprint`)."""
-    return sum(fingerprint(t) for t in [*_tensors(batch.inputs), batch.targets]) % 2**64
+    tensors = [*_tensors(batch.inputs), batch.targets]
+    return sum(fingerprint(t, ordered) for t in tensors) % 2**64
 
 
 class Watch:
