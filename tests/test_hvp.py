@@ -480,3 +480,19 @@ def test_products_with_no_columns():
     for fn in (ck.hessian, ck.ggn, ck.ef, ck.fisher):
         op = fn(model, loss, (x, y), structure="operator")
         assert (op @ torch.empty(op.shape[0], 0, dtype=DT)).shape == (op.shape[0], 0)
+
+
+def test_a_frozen_parameter_changed_in_place_also_stales_the_operator():
+    """Only the chosen parameters are copied (a model's frozen part may be most of it); the
+    others are watched by version, which an in-place step moves."""
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    model = __import__("copy").deepcopy(model)
+    first, *rest = list(model.parameters())
+    H = ck.hessian(model, loss, (x, y), params=rest, structure="operator")
+    H @ torch.randn(H.shape[0], dtype=DT)
+    copied = (sum(p.numel() for p in rest) + x.numel() + y.numel()) * 8  # float64, int64
+    assert [k[2].nbytes for k in H.problem._kept.values()] == [copied]
+    with torch.no_grad():
+        first.add_(1)
+    with pytest.raises(ck.CurvkitValueError, match="changed after"):
+        H @ torch.randn(H.shape[0], dtype=DT)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..data import Batch, _tensors
+from ..data import Batch
 from .chain import DERIVATIVES, Call, chain_of
 from .forward import Forward, _owners
 from .products import Watch
@@ -133,10 +133,7 @@ class _ChainHessian:
         # What this product reads, as it is now: a later change (an optimiser step, an edited
         # batch) makes the products stale.
         linears = [s for s in stages if isinstance(s, _Linear)]
-        self.watch = Watch(
-            [*fw.model.parameters(), *_tensors(batch.inputs), batch.targets],
-            [s.a for s in linears],
-        )
+        self.watch = Watch.of(fw, batch, [s.a for s in linears])
         new = lambda n: torch.empty(out.shape[0], n, dtype=out.dtype, device=out.device)  # noqa: E731
         tangent = None
         for s in stages:  # tangent buffers, forward order

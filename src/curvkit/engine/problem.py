@@ -281,6 +281,7 @@ class Problem:
                 self.forward, batch
             )
             size = getattr(kept[0], "nbytes", size)  # the chain route knows its own
+            size += kept[2].nbytes  # the copies its staleness check compares against
         if kept is None or self._kept_bytes + size > self.budget:
             # All batches or none: a loader that reshuffles would otherwise mix the kept
             # batches of the first pass with fresh ones of later passes.

@@ -124,15 +124,25 @@ def data_print(batch: Batch, ordered: bool = False) -> int:
 
 
 class Watch:
-    """The tensors kept product state read, as they are now. ``seen`` (parameters, the batch's
-    inputs and targets: what users edit, also through ``.data``, which leaves ``_version``
-    alone) are kept as copies and compared exactly; ``internal`` ones (recorded activations)
-    only by their ``_version``."""
+    """The tensors kept product state read, as they are now. ``seen`` ones (the chosen
+    parameters, the batch's inputs and targets: what users edit, also through ``.data``, which
+    leaves ``_version`` alone) are kept as copies and compared exactly; ``internal`` ones (other
+    parameters, recorded activations) only by their ``_version``."""
 
     def __init__(self, seen, internal=()):
         seen = [t for t in seen if t is not None]
         self.seen = [(t, t._version, t.detach().clone()) for t in seen]
         self.internal = [(t, t._version) for t in internal if t is not None]
+        self.nbytes = sum(c.numel() * c.element_size() for _, _, c in self.seen)
+
+    @classmethod
+    def of(cls, fw: Forward, batch: Batch, internal=()) -> Watch:
+        """What a batch's kept Hessian products read: copies of the chosen parameters and the
+        batch (a model's frozen parameters, which may be most of it, by version only)."""
+        chosen = {id(t) for t in fw.layout.tensors}
+        frozen = [p for p in fw.model.parameters() if id(p) not in chosen]
+        seen = [*fw.layout.tensors, *_tensors(batch.inputs), batch.targets]
+        return cls(seen, [*frozen, *internal])
 
     def check(self) -> None:
         """An in-place change since (an optimiser step, an edited batch) makes the kept state
@@ -159,7 +169,7 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.T
     estimation) this costs about half of a fresh forward-over-reverse product; it holds the
     batch's graph in memory meanwhile. The gradient comes free with the graph."""
     names = fw.layout.names
-    watched = Watch([*fw.model.parameters(), *_tensors(batch.inputs), batch.targets])
+    watched = Watch.of(fw, batch)
     leaves = [fw.params[n].detach().requires_grad_() for n in names]
     with torch.enable_grad():
         loss = _loss_of(fw, batch)(dict(zip(names, leaves)))
