@@ -240,12 +240,12 @@ def _check_count(name: str, value, meaning: str, advice: str, least: int = 1) ->
         )
 
 
-def _check_tol(tol) -> None:
-    ok = isinstance(tol, numbers.Real) and not isinstance(tol, bool)
-    if not (ok and math.isfinite(tol) and tol > 0):
+def _check_positive(name: str, value, kind: str, meaning: str, advice: str) -> None:
+    """Refuse a value that is not a finite real number > 0 (NaN, inf, 0 or a bool)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
         raise CurvkitValueError(
-            f"tol must be a finite positive number (the relative accuracy asked of each "
-            f"eigenvalue), got {tol!r}. Pass e.g. tol=1e-4 (the default) or tol=1e-8."
+            f"{name} must be a finite positive {kind} ({meaning}), got {value!r}. {advice}"
         )
 
 
@@ -296,7 +296,13 @@ def top_eigenvalues(
         )
     if not isinstance(k, int) or not 1 <= k <= n:
         raise CurvkitValueError(f"k must be an int in [1, {n}], got {k!r}.")
-    _check_tol(tol)
+    _check_positive(
+        "tol",
+        tol,
+        "number",
+        "the relative accuracy asked of each eigenvalue",
+        "Pass e.g. tol=1e-4 (the default) or tol=1e-8.",
+    )
     if hasattr(op, "top_eigenpairs"):  # structured: exact from the structure, no iteration
         vals, vecs = op.top_eigenpairs(k)
         return (vals, vecs) if eigenvectors else vals
@@ -477,13 +483,13 @@ def _check_density_args(num_probes, steps, grid, sigma) -> None:
     )
     _check_count("steps", steps, "Lanczos steps per probe", "Pass steps=80 (the default).")
     _check_count("grid", grid, "points the density is evaluated at", "Pass grid=400.", least=2)
-    if sigma is None:
-        return
-    ok = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
-    if not (ok and math.isfinite(sigma) and sigma > 0):
-        raise CurvkitValueError(
-            f"sigma must be a finite positive width (the Gaussian smoothing of each Ritz "
-            f"value), got {sigma!r}. Pass sigma=None for 1% of the spectrum's span."
+    if sigma is not None:
+        _check_positive(
+            "sigma",
+            sigma,
+            "width",
+            "the Gaussian smoothing of each Ritz value",
+            "Pass sigma=None for 1% of the spectrum's span.",
         )
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from ..data import Batch
 from .chain import DERIVATIVES, Call, chain_of
 from .forward import Forward, _owners
-from .products import Watch
+from .products import Kept, Watch
 
 # activation -> σ''(z) from its output y = σ(z) and σ'(z) (``chain.DERIVATIVES``); None: 0 a.e.
 _SECOND: dict[type, Callable | None] = {
@@ -59,7 +59,7 @@ class _Pointwise:
         self.z_dot: torch.Tensor | None = None  # ż: the previous stage's tangent
 
 
-def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor, Watch] | None:
+def chain_hessian_product(fw: Forward, batch: Batch) -> Kept | None:
     """(``prod(V) -> (P, k)`` the unscaled H V of the batch, the flat gradient Σₙ ∇ℓₙ, what
     they read), or None where the route does not apply (module docstring)."""
     trace = fw.chain_trace(batch)
@@ -105,7 +105,7 @@ def chain_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Te
     if covered != layout.numel:
         return None  # a chosen parameter outside the chain's Linear layers
     product = _ChainHessian(fw, batch, stages, out)
-    return product, product.gradient, product.watch
+    return Kept(product, product.gradient, product.watch)
 
 
 def _chosen(layout, m: nn.Linear) -> bool:

@@ -23,7 +23,7 @@ from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
 from .hvp import chain_hessian_product
-from .products import batch_gradient, cached_hessian_product, data_print
+from .products import Kept, batch_gradient, cached_hessian_product, data_print
 
 
 class _Lazy:
@@ -73,7 +73,7 @@ class Problem:
         self.repeated = False  # set by an operator, whose passes must agree with each other
         self.forward_ad = True  # set False once an op without forward-mode AD is met
         self._checked: set[int] = set()  # batches whose targets were checked against the loss
-        self._kept: dict[int, tuple] = {}  # batch index -> kept Hessian product, gradient
+        self._kept: dict[int, Kept] = {}  # batch index -> its kept Hessian state
         self._kept_bytes, self._keep_none = 0, False
         self._kept_print: int | None = None  # data_print of all batches when _kept was made
         self._params_checked = False  # the MC Fisher's parameters compared in this pass
@@ -140,11 +140,13 @@ class Problem:
         kept state's Watch already compares exactly."""
         return 0 if self.source.single else data_print(batch)
 
-    def _check_kept_data(self, total: int | None) -> None:
+    def _check_kept_data(self, prints: list[int]) -> None:
         """The kept Hessian state answers for the data of the pass that made it: any later
-        pass must bring the same samples (in any order), else refuse."""
-        if total is None:
+        pass must bring the same samples (in any order), else refuse. ``prints``: the
+        ``_data_print`` of each batch of this pass that used kept state."""
+        if not prints:
             return
+        total = sum(prints) % 2**64
         if self._kept_print is None:
             self._kept_print = total
         elif total != self._kept_print:
@@ -157,7 +159,7 @@ class Problem:
     def check_kept(self) -> None:
         """Refuse if the parameters or batches the kept products read have changed since."""
         for kept in self._kept.values():
-            kept[2].check()
+            kept.watch.check()
 
     def _scale(self, total_norm: float) -> float:
         if self.loss.reduction == "sum":
@@ -263,7 +265,7 @@ class Problem:
             side(self.forward.output(batch))
             self._checked.add(batch.index)
 
-    def _kept_product(self, batch: Batch) -> tuple | None:
+    def _kept_product(self, batch: Batch) -> Kept | None:
         """(H V of the batch, its gradient, what they read) from state kept across products
         (Lanczos and trace estimates call many), or None once the kept state of all batches
         would pass the work budget (then nothing is kept).
@@ -280,8 +282,8 @@ class Problem:
             kept = chain_hessian_product(self.forward, batch) or cached_hessian_product(
                 self.forward, batch
             )
-            size = getattr(kept[0], "nbytes", size)  # the chain route knows its own
-            size += kept[2].nbytes  # the copies its staleness check compares against
+            size = getattr(kept.product, "nbytes", size)  # the chain route knows its own
+            size += kept.watch.nbytes  # the copies its staleness check compares against
         if kept is None or self._kept_bytes + size > self.budget:
             # All batches or none: a loader that reshuffles would otherwise mix the kept
             # batches of the first pass with fresh ones of later passes.
@@ -302,12 +304,12 @@ class Problem:
             self._check_once(batch, side)
             kept = self._kept_product(batch) if self.kind == "hessian" else None
             if kept is not None:
-                kept[2].check()
+                kept.watch.check()
                 seen.append(self._data_print(batch))
-            out.add_(batch_gradient(self.forward, batch) if kept is None else kept[1])
+            out.add_(batch_gradient(self.forward, batch) if kept is None else kept.gradient)
 
         scale = self._run("gradient", body, lazy=True)
-        self._check_kept_data(sum(seen) % 2**64 if seen else None)
+        self._check_kept_data(seen)
         return out.mul_(scale)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -326,14 +328,14 @@ class Problem:
                 kept = self._kept_product(batch) if self.kind == "hessian" else None
                 if kept is not None:
                     seen.append(self._data_print(batch))
-                    out.add_(kept[0](V))
+                    out.add_(kept.product(V))
                     return
                 fad = self._forward_mode(batch)
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], fad)
                 out.add_(prod(V))
 
             scale = self._run("product", body, lazy=True)
-            self._check_kept_data(sum(seen) % 2**64 if seen else None)
+            self._check_kept_data(seen)
             return out.mul_(scale)
 
         return self._with_fallback(run)

@@ -12,6 +12,7 @@ These are also the generic path of the dense engine: exact for any module.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.func import grad, vjp, vmap
@@ -123,6 +124,14 @@ def data_print(batch: Batch, ordered: bool = False) -> int:
     return sum(fingerprint(t, ordered) for t in tensors) % 2**64
 
 
+class Kept(NamedTuple):
+    """A batch's Hessian state kept across products: H V, the gradient, and what they read."""
+
+    product: Callable[[torch.Tensor], torch.Tensor]
+    gradient: torch.Tensor
+    watch: Watch
+
+
 class Watch:
     """The tensors kept product state read, as they are now. ``seen`` ones (the chosen
     parameters, the batch's inputs and targets: what users edit, also through ``.data``, which
@@ -160,7 +169,7 @@ class Watch:
             )
 
 
-def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.Tensor, Watch]:
+def cached_hessian_product(fw: Forward, batch: Batch) -> Kept:
     """(H V by reverse-over-reverse on a graph built once, the flat gradient Σₙ ∇ℓₙ (P,), what
     they read).
 
@@ -177,7 +186,7 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.T
         gradient = _flatten_grads(leaves, grads).detach()
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not used:  # the loss is linear in every parameter: H = 0
-            return (lambda V: torch.zeros_like(V)), gradient, watched
+            return Kept(lambda V: torch.zeros_like(V), gradient, watched)
         flat_g = torch.cat([grads[i].reshape(-1) for i in used])
     sizes = [leaves[i].numel() for i in used]
     offsets = [fw.layout.offsets[i] for i in used]
@@ -197,4 +206,4 @@ def cached_hessian_product(fw: Forward, batch: Batch) -> tuple[Callable, torch.T
         G = gather(V)
         return torch.stack([column(G[:, j]) for j in range(V.shape[1])], dim=1)
 
-    return prod, gradient, watched
+    return Kept(prod, gradient, watched)
