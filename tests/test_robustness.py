@@ -400,7 +400,7 @@ def test_a_smaller_last_batch_inherits_the_probe_findings(structure):
     ce = nn.CrossEntropyLoss(reduction="sum")
     G = ref_ggn(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), 1.0, [(x, y)])
     op = ck.ggn(model, ce, batches, structure=structure)
-    assert "l1 (exact" in " ".join(op.labels), op.labels
+    assert "'l1' (exact" in " ".join(op.labels), op.labels
     D = op.to_dense()
     if structure == "kron":
         i = torch.cat(

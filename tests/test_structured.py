@@ -985,7 +985,8 @@ def test_grouped_conv_gets_one_kronecker_block_per_group():
     x, t = torch.randn(1, 4, 3, 3, dtype=torch.float64), torch.randint(0, 3, (1,))
     G = ck.ggn(model, loss, (x, t))
     op = ck.ggn(model, loss, (x, t), structure="kron")
-    assert op.labels[:2] == ["Conv2d group 1/2 (kron)", "Conv2d group 2/2 (kron)"], op.labels
+    want = ["Conv2d group 1/2 '0' (kron)", "Conv2d group 2/2 '0' (kron)"]
+    assert op.labels[:2] == want, op.labels
     for i in op.index[:2]:
         assert_close(op.to_dense()[i][:, i], G[i][:, i])
     xs, ts = torch.randn(5, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
@@ -1031,3 +1032,126 @@ def test_top_eigenpairs_come_exactly_from_the_structure(structure):
     vals, V = ck.top_eigenvalues(op, 4, eigenvectors=True)
     assert_close(vals, torch.linalg.eigvalsh(D).flip(0)[:4], rtol=1e-6)
     assert_close(D @ V, V * vals, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# singular operators, inverses' top eigenpairs, argument checks (an adversarial review's finds)
+# --------------------------------------------------------------------------------------------
+def _singular_ce_case():
+    """A cross-entropy GGN is singular (the softmax Hessian's null vector 1): so is the last
+    layer's KFAC factor, whose eigendecomposition leaves rounding-level values of either sign
+    (9e-21 for kron, 7e-36 for ekfac here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT).eval()
+    x, y = torch.randn(10, 3, dtype=DT), torch.randint(0, 3, (10,))
+    return model, nn.CrossEntropyLoss(), (x, y)
+
+
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "block"])
+def test_an_undamped_singular_operator_is_refused_then_exact_once_damped(structure):
+    """Undamped, kron's solve returned entries of 1e20 with a residual 700× ‖b‖ and ekfac's
+    1e35: a positive eigenvalue of 9e-21 passed a `> 0` check. Now every structure calls it
+    singular; damped, each result equals its own to_dense()'s."""
+    model, loss, data = _singular_ce_case()
+    op = ck.ggn(model, loss, data, structure=structure)
+    b = torch.ones(op.shape[0], dtype=DT)
+    for call in (op.logdet, lambda: op.solve(b), op.inverse, lambda: op.sample(2)):
+        with pytest.raises(ck.CurvkitValueError, match="singular.*add_identity"):
+            call()
+    P = op.add_identity(1e-3)
+    D = P.to_dense()
+    assert_close(P.logdet(), torch.linalg.slogdet(D)[1], what=f"{structure} logdet")
+    assert_close(P.solve(b), torch.linalg.solve(D, b), what=f"{structure} solve")
+
+
+@pytest.mark.parametrize("structure", ["block", "kron", "diag", "lowrank"])
+def test_an_inverse_reports_its_own_top_eigenpairs(structure):
+    """A dense block's inverse kept eigh's order reversed, and a low-rank inverse returned its
+    stored pairs: both reported their smallest eigenvalues as the top ones (3.2 and 2.2 against
+    10 and 10)."""
+    model, loss, data = _singular_ce_case()
+    op = ck.ggn(model, loss, data, structure=structure, rank=5).add_identity(0.1).inverse()
+    D = op.to_dense()
+    want = torch.linalg.eigvalsh(D).flip(0)[:3]
+    vals, vecs = op.top_eigenpairs(3)
+    assert_close(vals, want, what=f"{structure} top eigenvalues of the inverse")
+    assert_close(D @ vecs, vecs * vals, what=f"{structure} eigenvectors of the inverse")
+    assert_close(vecs.T @ vecs, torch.eye(3, dtype=DT), what="orthonormal")
+    assert_close(ck.top_eigenvalues(op, 3), want, what="ck.top_eigenvalues")
+
+
+def test_a_lowrank_hessian_ranks_its_complement_above_negative_stored_values():
+    """An undamped low-rank Hessian is 0 off its stored pairs' span: once the stored values turn
+    negative, the complement's 0 is larger, and top_eigenpairs must say so (it returned the
+    stored -0.40 where the operator's value is 0)."""
+    c = cases_mlp_ce_mean()
+    P = sum(p.numel() for p in c.model.parameters())
+    H = ck.hessian(c.model, c.loss_fn, c.data, structure="lowrank", rank=P - 3)
+    assert float(H.lam.min()) < 0
+    D = H.to_dense()
+    vals, vecs = H.top_eigenpairs(P - 1)
+    assert_close(vals, H.eigenvalues()[: P - 1], what="values")
+    assert_close(vals, torch.linalg.eigvalsh(D).flip(0)[: P - 1], what="against eigvalsh")
+    assert_close(D @ vecs, vecs * vals, what="eigenvectors")
+    assert_close(vecs.T @ vecs, torch.eye(P - 1, dtype=DT), what="orthonormal")
+
+
+def test_a_full_rank_lowrank_operator_is_invertible_without_damping():
+    """rank >= P keeps every eigenpair: no shift·I complement, so an undamped positive definite
+    operator has a logdet and a solve (it was called singular, 'delta > -0')."""
+    torch.manual_seed(1)
+    model = nn.Linear(3, 2).to(DT)
+    data = (torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT))
+    op = ck.ggn(model, nn.MSELoss(), data, structure="lowrank", rank=100)
+    D = op.to_dense()
+    assert float(torch.linalg.eigvalsh(D).min()) > 0.1
+    b = torch.arange(8, dtype=DT)
+    assert_close(op.logdet(), torch.linalg.slogdet(D)[1], what="logdet")
+    assert_close(op.solve(b), torch.linalg.solve(D, b), what="solve")
+    assert_close(op.inverse().to_dense(), torch.linalg.inv(D), what="inverse")
+
+
+@pytest.mark.parametrize("structure", ["kron", "lowrank"])
+def test_operator_arguments_are_checked_with_clear_errors(structure):
+    """Raw torch errors (a shape mismatch, randn's overload list), or silent acceptance (a NaN
+    damping gave an all-NaN operator; a (P, P, P) right-hand side a batched product)."""
+    c = cases_mlp_ce_mean()
+    op = ck.ggn(c.model, c.loss_fn, c.data, structure=structure, rank=4).add_identity(0.5)
+    P = op.shape[0]
+    bad_b = [torch.ones(P + 1), torch.ones(P, 2, 2), torch.ones(()), torch.ones(P, P, P)]
+    for b in bad_b:
+        with pytest.raises(ck.CurvkitValueError, match=rf"solve\(b\) takes a vector \({P},\)"):
+            op.solve(b)
+    with pytest.raises(ck.CurvkitTypeError, match="needs a tensor"):
+        op.solve([1.0] * P)
+    with pytest.raises(ck.CurvkitTypeError, match="real tensor"):
+        op.solve(torch.ones(P, dtype=torch.complex128))
+    for n in (0, -1, 2.0, True):
+        with pytest.raises(ck.CurvkitValueError, match=r"sample\(n\) must be an int"):
+            op.sample(n)
+    with pytest.raises(ck.CurvkitTypeError, match="torch.Generator"):
+        op.sample(2, generator=0)
+    for k in (0, -1, 2.0):
+        with pytest.raises(ck.CurvkitValueError, match=r"top_eigenpairs\(k\) must be an int"):
+            op.top_eigenpairs(k)
+    for delta in (float("nan"), float("inf"), "a", torch.ones(P), True):
+        with pytest.raises(ck.CurvkitValueError, match="one finite real number"):
+            op.add_identity(delta)
+    assert_close(op.add_identity(torch.tensor(0.25)).to_dense(), op.add_identity(0.25).to_dense())
+
+
+def test_rank_is_checked_by_name():
+    c = cases_mlp_ce_mean()
+    for rank in (None, 0, 2.5):
+        with pytest.raises(ck.CurvkitValueError, match=r"rank must be an int >= 1"):
+            ck.ggn(c.model, c.loss_fn, c.data, structure="lowrank", rank=rank)
+
+
+def test_block_labels_name_the_module_for_every_kind():
+    """hessian(structure="block") named modules by path, ggn's by type only ('Linear (block)'
+    twice, which could not tell the layers apart): both now give type and path."""
+    model, loss, data = _singular_ce_case()
+    want = ["Linear '0' (block)", "Linear '2' (block)"]
+    assert ck.ggn(model, loss, data, structure="block").labels == want
+    got = ck.hessian(model, loss, data, structure="block").labels
+    assert got == ["Linear '0' (exact dense block)", "Linear '2' (exact dense block)"], got

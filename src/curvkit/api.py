@@ -17,7 +17,7 @@ from .curvature import _NAMES, CurvatureOperator
 from .data import DataSource
 from .engine.build import build
 from .engine.problem import Problem
-from .errors import CurvkitTypeError, CurvkitValueError
+from .errors import CurvkitTypeError, CurvkitValueError, check_count, check_generator
 from .losses import as_loss
 from .memory import check_dense
 from .operators.lowrank import LowRankOperator
@@ -101,12 +101,12 @@ def _curvature(
                 "Check the training run that produced it."
             )
     _check_mode(model)
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise CurvkitValueError(f"mc_samples must be a positive int, got {mc_samples!r}.")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise CurvkitTypeError(
-            f"generator must be a torch.Generator, got {type(generator).__name__}."
-        )
+    check_count(
+        "mc_samples", mc_samples, "label draws per sample", "e.g. mc_samples=1 (the default)."
+    )
+    check_generator(generator)
+    if structure == "lowrank":
+        check_count("rank", rank, "eigenpairs kept", "e.g. rank=20 (the default).")
     if output_fn is not None and not callable(output_fn):
         raise CurvkitTypeError("output_fn must be a callable taking the model's raw output.")
     loss = as_loss(loss_fn, reduction)

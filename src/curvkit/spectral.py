@@ -8,11 +8,16 @@ with a (P, b) block costs far less than b products with vectors.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from .errors import CurvkitTypeError, CurvkitValueError
+from .errors import (
+    CurvkitTypeError,
+    CurvkitValueError,
+    check_count,
+    check_generator,
+    check_positive,
+)
 from .memory import check_bytes
 from .operators.base import DenseOperator, LinearOperator
 
@@ -232,23 +237,6 @@ def _complement_converged(theta, r, err, current, k: int, tol: float) -> bool:
     return bool(bound <= tol * theta[i].abs())
 
 
-def _check_count(name: str, value, meaning: str, advice: str, least: int = 1) -> None:
-    """Refuse a count that is not an int >= ``least`` (0 gave NaN, a hang or a raw error)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise CurvkitValueError(
-            f"{name} must be an int >= {least} ({meaning}), got {value!r}. {advice}"
-        )
-
-
-def _check_positive(name: str, value, kind: str, meaning: str, advice: str) -> None:
-    """Refuse a value that is not a finite real number > 0 (NaN, inf, 0 or a bool)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
-        raise CurvkitValueError(
-            f"{name} must be a finite positive {kind} ({meaning}), got {value!r}. {advice}"
-        )
-
-
 def top_eigenvalues(
     op,
     k: int = 1,
@@ -290,13 +278,14 @@ def top_eigenvalues(
     """
     op = _as_operator(op, "top_eigenvalues")
     n = op.shape[0]
+    check_generator(generator)
     if isinstance(k, int) and k > n:
         raise CurvkitValueError(
             f"k={k} exceeds the operator's dimension {n}: it has only {n} eigenvalues."
         )
     if not isinstance(k, int) or not 1 <= k <= n:
         raise CurvkitValueError(f"k must be an int in [1, {n}], got {k!r}.")
-    _check_positive(
+    check_positive(
         "tol",
         tol,
         "number",
@@ -375,17 +364,18 @@ def estimate_trace(
     """
     op = _as_operator(op)
     n = op.shape[0]
+    check_generator(generator)
     if method not in ("hutchinson", "hutch++"):
         raise CurvkitValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}.")
     if method == "hutchinson":
-        _check_count(
+        check_count(
             "num_matvecs",
             num_matvecs,
             "products with the operator",
             "Pass num_matvecs=60 (the default) or more: the error falls as 1/sqrt(num_matvecs).",
         )
     else:
-        _check_count(
+        check_count(
             "num_matvecs",
             num_matvecs,
             "hutch++ spends a third on a sketch, a third on its products, a third on probes",
@@ -415,13 +405,14 @@ def estimate_diagonal(
     Σⱼ≠ᵢ Aᵢⱼ² / num_matvecs. For the exact diagonal use ``structure="diag"``."""
     op = _as_operator(op)
     n = op.shape[0]
-    _check_count(
+    check_generator(generator)
+    check_count(
         "num_matvecs",
         num_matvecs,
         "products with the operator",
         "Pass num_matvecs=60 (the default) or more: the variance falls as 1/num_matvecs.",
     )
-    _check_count(
+    check_count(
         "block",
         block,
         "probes per product",
@@ -452,6 +443,7 @@ def spectral_density(
     eigenvalue has no spread); ``sigma`` defaults to 1% of that span."""
     op = _as_operator(op, "spectral_density")
     n = op.shape[0]
+    check_generator(generator)
     _check_density_args(num_probes, steps, grid, sigma)
     nodes, weights = [], []
     for _ in range(num_probes):
@@ -475,16 +467,16 @@ def spectral_density(
 
 
 def _check_density_args(num_probes, steps, grid, sigma) -> None:
-    _check_count(
+    check_count(
         "num_probes",
         num_probes,
         "random start vectors averaged",
         "Pass num_probes=5 (the default) or more for a smoother density.",
     )
-    _check_count("steps", steps, "Lanczos steps per probe", "Pass steps=80 (the default).")
-    _check_count("grid", grid, "points the density is evaluated at", "Pass grid=400.", least=2)
+    check_count("steps", steps, "Lanczos steps per probe", "Pass steps=80 (the default).")
+    check_count("grid", grid, "points the density is evaluated at", "Pass grid=400.", least=2)
     if sigma is not None:
-        _check_positive(
+        check_positive(
             "sigma",
             sigma,
             "width",

@@ -35,6 +35,12 @@ def _module_of(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+def _group_label(problem: Problem, gname: str, kind: str) -> str:
+    """'LayerNorm 'enc.norm' (exact dense block)': the module's type and path, as for layers."""
+    module = problem.forward.model.get_submodule(gname)
+    return f"{type(module).__name__} {gname!r} ({kind})"
+
+
 def _names_of(layers, layout) -> set[str]:
     out = set()
     for l in layers:
@@ -126,13 +132,14 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
             blocks.append(DenseBlock(st * scale))
         index.append(red.layer_index(l, problem.device))
         group = f" group {l.group + 1}/{l.groups}" if l.groups > 1 else ""
-        labels.append(f"{type(l.module).__name__}{group} ({structure})")
+        name = _module_of(min(_names_of([l], layout)))
+        labels.append(f"{type(l.module).__name__}{group} {name!r} ({structure})")
     for gname, names in (state["groups"] or {}).items():
         st = state["fb"][gname][0]
         blocks.append(DenseBlock(st * scale) if st.dim() == 2 else DiagBlock(st * scale))
         index.append(_group_index(layout, names, problem.device))
         kind = "exact dense block" if st.dim() == 2 else "exact diagonal"
-        labels.append(f"{gname or type(problem.forward.model).__name__} ({kind})")
+        labels.append(_group_label(problem, gname, kind))
     return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
 
 
@@ -200,7 +207,7 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
             M[:, start : start + cols.numel()] = problem.matmat(E)[idx]
         blocks.append(DenseBlock(M))
         index.append(idx)
-        labels.append(f"{gname or type(problem.forward.model).__name__} (exact dense block)")
+        labels.append(_group_label(problem, gname, "exact dense block"))
     return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
 
 

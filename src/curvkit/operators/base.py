@@ -8,34 +8,67 @@ such as ``is_symmetric`` describe the operator; algorithms dispatch on them.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from ..errors import CurvkitTypeError, CurvkitValueError
 
 
 def check_positive_definite(eigenvalues: torch.Tensor, what: str) -> None:
-    """Raise a clear error unless every eigenvalue is > 0: the one check behind every
+    """Raise a clear error unless every eigenvalue is clearly > 0: the one check behind every
     structure's ``logdet``, ``solve``, ``inverse`` and ``sample`` (log, 1/λ or 1/√λ of an
     eigenvalue <= 0 is NaN or inf, never an answer).
 
-    A negative eigenvalue within rounding of zero (a KFAC or GGN block, positive semidefinite
-    by construction, whose eigendecomposition gives -1e-8) is called singular, not indefinite:
-    the fix is damping either way, but "use the GGN" would be wrong advice there."""
-    low = float(eigenvalues.min())
-    if low > 0:
+    ``eigenvalues`` are those of one block, computed together: eigh of a matrix M, or products
+    of two factors' eigenvalues, are exact only to about eps·‖M‖. An eigenvalue below
+    4·eps·max|λ| is zero up to rounding, whatever its sign, and 1/λ of it is noise (an
+    undamped cross-entropy KFAC block left 9e-21 where the exact value is 0; its ``solve``
+    returned entries of 1e20 that did not solve anything). A negative eigenvalue within rounding
+    of zero is called singular, not indefinite: the fix is damping either way, but the advice
+    differs."""
+    if eigenvalues.numel() == 0:
         return
+    low = float(eigenvalues.min())
     high = float(eigenvalues.abs().max())
-    rounding = high * torch.finfo(eigenvalues.dtype).eps * max(100, eigenvalues.numel())
-    if low == 0 or -low <= rounding:
-        got = f"singular (smallest eigenvalue {low:.3g}, zero up to rounding)"
-        hint = ""
+    eps = torch.finfo(eigenvalues.dtype).eps
+    if math.isnan(low) or math.isnan(high):
+        raise CurvkitValueError(f"{what}: the operator's eigenvalues contain NaN.")
+    if low > 4 * eps * high:
+        return
+    if low >= -high * eps * max(100, eigenvalues.numel()):
+        got = f"singular: its smallest eigenvalue {low:.3g} is zero up to rounding"
+        fix = f"delta well above rounding (about {4 * eps * high:.2g} here)"
     else:
         got = f"indefinite (smallest eigenvalue {low:.3g})"
-        hint = ", or use the GGN (ck.ggn), positive semidefinite by construction"
+        fix = (
+            f"delta > {-low:.3g}. A Hessian, or a GGN or Fisher of a loss that is not convex in "
+            "the model's output, can be indefinite; those of convex losses (cross-entropy, "
+            "MSE, ...) are positive semidefinite by construction"
+        )
     raise CurvkitValueError(
         f"{what} needs a positive definite operator, but this one is {got}. Add damping "
-        f"first: op.add_identity(delta) with delta > {max(-low, 0.0):.3g}{hint}."
+        f"first: op.add_identity(delta) with {fix}."
     )
+
+
+def check_damping(delta) -> float:
+    """δ of ``add_identity(δ)`` as a float: a finite real number (or a 0-d real tensor)."""
+    if isinstance(delta, torch.Tensor) and delta.dim() == 0 and not delta.is_complex():
+        delta = delta.item()
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
+        got = (
+            f"a tensor of shape {tuple(delta.shape)}"
+            if isinstance(delta, torch.Tensor)
+            else repr(delta)
+        )
+        raise CurvkitValueError(
+            f"add_identity(delta) takes one finite real number (the same damping or isotropic "
+            f"prior precision on every coordinate), got {got}. Per-coordinate values do not keep "
+            "the structure; add a scalar, e.g. op.add_identity(1e-3)."
+        )
+    return float(delta)
 
 
 class LinearOperator:
@@ -51,18 +84,26 @@ class LinearOperator:
         raise NotImplementedError
 
     # -- products --------------------------------------------------------------------------------
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+    def _operand(self, v, what: str = "@ v") -> torch.Tensor:
+        """v checked ((n,) or (n, k), a real tensor) and moved to the operator's dtype/device."""
+        name = type(self).__name__
         if not isinstance(v, torch.Tensor):
-            raise CurvkitTypeError(
-                f"{type(self).__name__} @ v needs a tensor, got {type(v).__name__}."
-            )
+            raise CurvkitTypeError(f"{name} {what} needs a tensor, got {type(v).__name__}.")
         n = self.shape[1]
         if v.dim() not in (1, 2) or v.shape[0] != n:
             raise CurvkitValueError(
-                f"{type(self).__name__} of shape {self.shape} can multiply a vector ({n},) or a "
-                f"matrix ({n}, k); got {tuple(v.shape)}."
+                f"{name} of shape {self.shape}: {what} takes a vector ({n},) or a matrix "
+                f"({n}, k); got {tuple(v.shape)}."
             )
-        V = v.to(dtype=self.dtype, device=self.device)
+        if v.is_complex():
+            raise CurvkitTypeError(
+                f"{name} {what} takes a real tensor, got {v.dtype}; curvature operators are real "
+                "symmetric, so apply them to the real and imaginary parts separately."
+            )
+        return v.to(dtype=self.dtype, device=self.device)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        V = self._operand(v)
         if V.numel() == 0:  # (n, 0): nothing to multiply, and no pass over the data
             return torch.zeros_like(V)
         out = self._matmat(V[:, None] if v.dim() == 1 else V)

@@ -153,8 +153,11 @@ class DenseBlock(Block):
 
     def power(self, p):
         lam, U = self._eigh()
-        out = DenseBlock((U * _pow(lam, p)) @ U.T)
-        out._eig = (_pow(lam, p), U)
+        lp = _pow(lam, p)
+        if p < 0:  # λᵖ descends where λ ascends: keep eigh's ascending order for top_eigenpairs
+            lp, U = lp.flip(0), U.flip(1)
+        out = DenseBlock((U * lp) @ U.T)
+        out._eig = (lp, U)
         return out
 
 

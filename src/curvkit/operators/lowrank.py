@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from ..errors import CurvkitValueError
-from .base import LinearOperator, check_positive_definite
+from ..errors import check_count, check_generator
+from .base import LinearOperator, check_damping, check_positive_definite
 
 
 class LowRankOperator(LinearOperator):
@@ -30,6 +30,11 @@ class LowRankOperator(LinearOperator):
     def trace(self):
         return self.lam.sum() + self.shift * self.shape[0]
 
+    @property
+    def _full(self) -> bool:
+        """The stored pairs span every coordinate (rank ≥ P): no shift·I complement."""
+        return self.lam.numel() == self.shape[0]
+
     def eigenvalues(self) -> torch.Tensor:
         rest = torch.full(
             (self.shape[0] - self.lam.numel(),), self.shift, dtype=self.dtype, device=self.device
@@ -37,47 +42,73 @@ class LowRankOperator(LinearOperator):
         return torch.cat([self.lam + self.shift, rest]).sort(descending=True).values
 
     def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored eigenpairs (k ≤ rank), shifted; descending."""
-        if k > self.lam.numel():
-            raise CurvkitValueError(
-                f"this low-rank operator holds {self.lam.numel()} eigenpairs; asked for {k}. "
-                "Build it with a larger rank=."
-            )
-        order = self.lam.argsort(descending=True)[:k]
-        return self.lam[order] + self.shift, self.U[:, order]
+        """The min(k, P) largest eigenvalues of the operator, descending, and eigenvectors.
+
+        Off the stored pairs' span the operator is shift·I, so that eigenvalue (the shift, with
+        multiplicity P − rank) outranks the stored values below it: an inverse's top pairs lie
+        there, and so do an undamped Hessian's once its stored values turn negative. Its
+        eigenvectors are an orthonormal basis of span(U)'s complement (fixed-seed random
+        vectors projected out of U twice, then QR: deterministic and full rank)."""
+        check_count("top_eigenpairs(k)", k, "how many eigenpairs", "e.g. op.top_eigenpairs(10).")
+        P, r = self.shape[0], self.lam.numel()
+        k = min(k, P)
+        order = self.lam.argsort(descending=True)
+        stored, U = self.lam[order] + self.shift, self.U[:, order]
+        above = int((stored >= self.shift).sum())
+        n_top = min(k, above)  # stored values >= the shift, then the complement, then the rest
+        n_rest = min(k - n_top, P - r)
+        n_low = k - n_top - n_rest
+        vals = [stored[:n_top], stored.new_full((n_rest,), self.shift)]
+        vecs = [U[:, :n_top], self._complement(n_rest)]
+        vals.append(stored[above : above + n_low])
+        vecs.append(U[:, above : above + n_low])
+        return torch.cat(vals), torch.cat(vecs, dim=1)
+
+    def _complement(self, m: int) -> torch.Tensor:
+        """(P, m) orthonormal columns orthogonal to U."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        E = torch.randn(self.shape[0], m, generator=gen, dtype=self.dtype, device=self.device)
+        for _ in range(2):  # twice is enough (Kahan): orthogonal to U to rounding
+            E = E - self.U @ (self.U.T @ E)
+        return torch.linalg.qr(E).Q
 
     def add_identity(self, delta: float) -> LowRankOperator:
-        return LowRankOperator(self.U, self.lam, self.shift + float(delta))
+        return LowRankOperator(self.U, self.lam, self.shift + check_damping(delta))
 
     def _check_invertible(self, what: str):
         """Off its top-k subspace the operator is shift·I, so the shift counts as an eigenvalue
-        (the closed forms divide by it): undamped (shift 0), the operator is singular."""
-        check_positive_definite(
-            torch.cat([self.lam + self.shift, self.lam.new_full((1,), self.shift)]), what
-        )
+        (the closed forms divide by it) unless the pairs span everything: undamped (shift 0)
+        and k < P, the operator is singular."""
+        lam = self.lam + self.shift
+        if not self._full:
+            lam = torch.cat([lam, self.lam.new_full((1,), self.shift)])
+        check_positive_definite(lam, what)
 
     def logdet(self):
         self._check_invertible("logdet")
         P, k = self.shape[0], self.lam.numel()
-        return (self.lam + self.shift).log().sum() + (P - k) * math.log(self.shift)
+        rest = 0.0 if self._full else (P - k) * math.log(self.shift)
+        return (self.lam + self.shift).log().sum() + rest
 
-    def _power(self, p: float, V: torch.Tensor) -> torch.Tensor:
-        self._check_invertible("solve / sample")
-        s = self.shift**p
+    def _power(self, p: float, V: torch.Tensor, what: str) -> torch.Tensor:
+        self._check_invertible(what)
+        s = 0.0 if self._full else self.shift**p
         coef = (self.lam + self.shift).pow(p) - s
         return self.U @ (coef[:, None] * (self.U.T @ V)) + s * V
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
-        B = b[:, None] if b.dim() == 1 else b
-        X = self._power(-1.0, B.to(self.dtype))
-        return X[:, 0] if b.dim() == 1 else X
+        B = self._operand(b, "solve(b)")
+        X = self._power(-1.0, B[:, None] if B.dim() == 1 else B, "solve")
+        return X[:, 0] if B.dim() == 1 else X
 
     def inverse(self) -> LowRankOperator:
         self._check_invertible("inverse")
-        s = 1.0 / self.shift
+        s = 0.0 if self._full else 1.0 / self.shift
         return LowRankOperator(self.U, 1.0 / (self.lam + self.shift) - s, s)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, P) samples of N(0, A⁻¹)."""
+        check_count("sample(n)", n, "the number of samples", "e.g. op.sample(100).")
+        check_generator(generator)
         Z = torch.randn(self.shape[0], n, generator=generator, dtype=self.dtype, device=self.device)
-        return self._power(-0.5, Z).T
+        return self._power(-0.5, Z, "sample").T

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CurvkitValueError
-from .base import LinearOperator, check_positive_definite
+from ..errors import check_count, check_generator
+from .base import LinearOperator, check_damping, check_positive_definite
 from .blocks import Block
 
 
@@ -59,8 +59,9 @@ class BlockDiagonalOperator(LinearOperator):
         return torch.cat([b.eigenvalues() for b in self.blocks]).sort(descending=True).values
 
     def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k largest eigenvalues (descending) and eigenvectors (P, k), exact, from the
-        blocks: a Kronecker block's eigenvectors are U_B[:, i] ⊗ U_A[:, j]."""
+        """The min(k, P) largest eigenvalues (descending) and eigenvectors (P, ·), exact, from
+        the blocks: a Kronecker block's eigenvectors are U_B[:, i] ⊗ U_A[:, j]."""
+        check_count("top_eigenpairs(k)", k, "how many eigenpairs", "e.g. op.top_eigenpairs(10).")
         vals, owners = [], []
         for b, blk in enumerate(self.blocks):
             v, vecs = blk.top_eigenpairs(k)
@@ -73,26 +74,35 @@ class BlockDiagonalOperator(LinearOperator):
             V[self.index[b], col] = vecs[:, c]
         return top.values, V
 
+    def _check_positive_definite(self, what: str) -> None:
+        """Each block on its own scale (its eigenvalues' rounding is relative to its largest)."""
+        for blk, label in zip(self.blocks, self.labels):
+            check_positive_definite(blk.eigenvalues(), f"{what} (block {label})")
+
     def logdet(self) -> torch.Tensor:
-        lam = torch.cat([b.eigenvalues() for b in self.blocks])
-        check_positive_definite(lam, "logdet")
-        return lam.log().sum()
+        self._check_positive_definite("logdet")
+        return sum(b.eigenvalues().log().sum() for b in self.blocks)
 
     def add_identity(self, delta: float) -> BlockDiagonalOperator:
         """A + δI, same structure (damping, or an isotropic Gaussian prior's precision)."""
-        return self._map([b.shifted(float(delta)) for b in self.blocks])
+        delta = check_damping(delta)
+        return self._map([b.shifted(delta) for b in self.blocks])
 
     def inverse(self) -> BlockDiagonalOperator:
+        self._check_positive_definite("inverse")
         return self._map([b.power(-1.0) for b in self.blocks])
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """A⁻¹ b for b of shape (P,) or (P, k)."""
-        return self.inverse() @ b
+        b = self._operand(b, "solve(b)")
+        self._check_positive_definite("solve")
+        return self._map([blk.power(-1.0) for blk in self.blocks]) @ b
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, P) samples of N(0, A⁻¹), A⁻¹ᐟ² applied block by block to standard normals."""
-        if not isinstance(n, int) or n < 1:
-            raise CurvkitValueError(f"sample(n) needs a positive int, got {n!r}.")
+        check_count("sample(n)", n, "the number of samples", "e.g. op.sample(100).")
+        check_generator(generator)
+        self._check_positive_definite("sample")
         Z = torch.randn(self.shape[0], n, generator=generator, dtype=self.dtype, device=self.device)
         return self._map([b.power(-0.5) for b in self.blocks])._matmat(Z).T
 
