@@ -405,3 +405,41 @@ def test_kron_structure_beyond_memory_raises_before_allocating():
         lambda: ck.ggn(model, nn.CrossEntropyLoss(), (x, y), structure="kron"),
         seconds=1.0,
     )
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [nn.HuberLoss(reduction="sum"), nn.L1Loss(reduction="sum"), nn.KLDivLoss("batchmean")],
+    ids=["huber", "l1", "kldiv"],
+)
+def test_targets_that_torch_would_broadcast_are_refused(loss_fn):
+    """(N,) targets with (N, 1) outputs: torch broadcasts to (N, N) and only warns; the Huber
+    Hessian came out N× off, and different again over a loader."""
+    model = _mlp(d_out=1)
+    x, y = torch.randn(6, 3, dtype=DT), torch.rand(6, dtype=DT)
+    with pytest.raises(ck.CurvkitValueError, match=r"broadcasts to \(6, 6\).*y.reshape\(-1, 1\)"):
+        ck.hessian(model, loss_fn, (x, y))
+
+
+class _Centered(nn.Module):
+    """Subtracts the batch mean: each sample's output depends on the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0))
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag", "operator"])
+def test_a_model_that_couples_the_samples_of_a_batch_is_refused(structure):
+    """An eval-mode model with batch statistics in forward(): the Hessian was 99% off and the
+    GGN 17%, silently (only nn.BatchNorm in training mode was refused)."""
+    torch.manual_seed(0)
+    model = _Centered().to(DT).eval()
+    x, y = torch.randn(6, 3, dtype=DT), torch.randint(0, 2, (6,))
+    with pytest.raises(ck.CurvkitValueError, match="depends on the other samples of its batch"):
+        op = ck.ggn(model, nn.CrossEntropyLoss(), (x, y), structure=structure)
+        op @ torch.ones(op.shape[0], dtype=DT)

@@ -160,6 +160,25 @@ def _class_total(tgt: torch.Tensor, weight: torch.Tensor | None, ignore_index: i
     return float(weight[tgt[valid]].sum())
 
 
+def _check_no_broadcast(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
+    """Refuse float targets that torch would broadcast the output against: (N,) targets with
+    (N, 1) outputs make an (N, N) loss that pairs every output with every target (torch only
+    warns), which is neither the intended curvature nor separable over samples."""
+    if not tgt.is_floating_point() or tgt.shape == out.shape:
+        return
+    try:
+        shape = torch.broadcast_shapes(out.shape, tgt.shape)
+    except RuntimeError:
+        return  # not broadcastable: the loss itself raises its own error
+    if shape != out.shape:
+        raise CurvkitValueError(
+            f"{name} got outputs of shape {tuple(out.shape)} and targets of shape "
+            f"{tuple(tgt.shape)}, which torch broadcasts to {tuple(shape)}: every output would "
+            f"meet every target. Give the targets the outputs' shape, e.g. "
+            f"y.reshape({', '.join(['-1', *map(str, out.shape[1:])])})."
+        )
+
+
 def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
     if out.shape != tgt.shape:
         raise CurvkitValueError(
@@ -445,6 +464,7 @@ class TorchLoss(Loss):
         return float(tgt.numel())
 
     def check(self, out, tgt):
+        _check_no_broadcast(self.name, out, tgt)
         if self._checked:
             return
         with torch.no_grad():

@@ -398,7 +398,7 @@ class Forward:
         else:
             real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
             found = frozenset(real[i] for i in watch.found)
-            reverse_only, batched = watch.reverse_only, self._batched(batch)
+            reverse_only, batched = watch.reverse_only, self._batched(batch, out)
             self._families[self._family(batch)] = (found, reverse_only, batched)
         probe = (dict(shapes), numel, found, reverse_only, batched)
         batch.probe = self._probe_cache[key] = probe
@@ -413,7 +413,7 @@ class Forward:
             for t in _tensors(batch.inputs)
         )
 
-    def _batched(self, batch: Batch) -> frozenset[int] | None:
+    def _batched(self, batch: Batch, out: torch.Tensor | None = None) -> frozenset[int] | None:
         """ids of the candidate modules whose input has the sample dimension first, or None for
         a batch of one sample (where any leading size 1 is that sample's).
 
@@ -422,12 +422,15 @@ class Forward:
         a sequence-first (T, N, F) input with T = N) and then every per-sample quantity is
         wrong. So the model also runs on the first m < N samples (m = 2, or 1 when N = 2):
         a sample dimension shrinks to m, any other dimension keeps its size. A model that
-        fails on the smaller batch gets no rules (the generic path is exact for any model)."""
+        fails on the smaller batch gets no rules (the generic path is exact for any model).
+
+        Given the full batch's output ``out`` (a new family's first probe), that run also checks
+        that the samples do not see each other (see :func:`_check_samples_apart`)."""
         n = batch.size
         if n == 1:
             return None
-        if not self._candidates:
-            return frozenset()  # no rule to confirm: no second forward pass
+        if not self._candidates and out is None:
+            return frozenset()  # no rule to confirm, no output to compare: no second pass
         m = 1 if n == 2 else 2
         sub = _map_tensors(batch.inputs, lambda t: t[:m] if t.dim() and t.shape[0] == n else t)
         seen: dict[int, list] = defaultdict(list)
@@ -440,12 +443,15 @@ class Forward:
         handles = [mod.register_forward_hook(hook) for mod in modules.values()]
         try:
             with torch.no_grad():
-                call_model(self.model, sub)
+                raw = call_model(self.model, sub)
+                alone = pick_output(raw, self.output_fn) if out is not None else None
         except Exception:
             return frozenset()
         finally:
             for h in handles:
                 h.remove()
+        if alone is not None:
+            _check_samples_apart(alone, out, m)
         return frozenset(i for i, lead in seen.items() if lead == [m])
 
     def _probe_params(self) -> dict[str, torch.Tensor]:
@@ -515,6 +521,28 @@ class Forward:
             return out, list(holder["acts"])
 
         return f
+
+
+def _check_samples_apart(alone: torch.Tensor, out: torch.Tensor, m: int) -> None:
+    """Refuse a model whose output for a sample depends on the other samples of its batch
+    (``h - h.mean(0)``, ``F.batch_norm(..., training=True)``): curvature per sample, and a
+    loader's sum over batches, assume it does not (the Hessian came out 99% off). The first
+    m samples' outputs, run as their own batch, must equal theirs in the full batch up to
+    rounding (GEMM blocking differs between batch sizes)."""
+    if alone.shape != (m, *out.shape[1:]) or not alone.is_floating_point():
+        return  # no sample dimension to compare along (or nothing smooth to compare)
+    full = out[:m].detach()
+    scale = float(full.abs().max()) if full.numel() else 0.0
+    diff = float((alone - full).abs().max()) if full.numel() else 0.0
+    if diff > 1e-3 * max(scale, 1e-6) + 100 * torch.finfo(out.dtype).eps:
+        raise CurvkitValueError(
+            f"the model's output for a sample depends on the other samples of its batch: the "
+            f"first {m} samples run on their own give outputs {diff:.3g} away from theirs in the "
+            f"full batch (scale {scale:.3g}). Curvature per sample assumes samples that do not "
+            "see each other. Usual causes: batch statistics in forward() (BatchNorm in training "
+            "mode, F.batch_norm(..., training=True), x - x.mean(0)) or attention across the "
+            "batch dimension; use eval-mode or per-sample normalisation."
+        )
 
 
 def raise_output_mismatch(out: torch.Tensor, batch: Batch) -> None:
