@@ -443,3 +443,116 @@ def test_a_model_that_couples_the_samples_of_a_batch_is_refused(structure):
     with pytest.raises(ck.CurvkitValueError, match="depends on the other samples of its batch"):
         op = ck.ggn(model, nn.CrossEntropyLoss(), (x, y), structure=structure)
         op @ torch.ones(op.shape[0], dtype=DT)
+
+
+# --------------------------------------------------------------------------------------------
+# what users pass (an adversarial review of input handling)
+# --------------------------------------------------------------------------------------------
+def _ce_pair(n: int = 6):
+    torch.manual_seed(1)
+    return torch.randn(n, 3, dtype=DT), torch.randint(0, 2, (n,))
+
+
+def test_wrapped_models_give_the_wrapped_models_curvature():
+    """torch.compile's wrapper failed from the second call on, DataParallel at the first
+    product, with raw torch errors; both hold the user's module, with the same parameters."""
+    model = _mlp()
+    data = _ce_pair()
+    want = ck.ggn(model, nn.CrossEntropyLoss(), data)
+    for wrapped in (nn.DataParallel(model), torch.compile(model)):
+        for _ in range(2):
+            got = ck.ggn(wrapped, nn.CrossEntropyLoss(), data)
+            torch.testing.assert_close(got, want)
+    assert ck.parameter_slices(nn.DataParallel(model)) == ck.parameter_slices(model)
+
+
+class _FDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.tanh(self.a(x)), 0.5, self.training))
+
+
+def _spectral_normed():
+    model = _mlp()
+    torch.nn.utils.spectral_norm(model[0])
+    return model
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.Linear(4, 2)), "RReLU"),
+        (_spectral_normed, "spectral_norm"),
+        (_FDropout, "random|other samples"),
+    ],
+    ids=["rrelu", "legacy_spectral_norm", "functional_dropout"],
+)
+def test_training_mode_randomness_is_refused(make, match):
+    """RReLU and F.dropout in training mode gave raw vmap errors; the legacy spectral_norm was
+    accepted, moved the result by 2e-3 per call and changed the user's model."""
+    model = make().to(DT).train()
+    with pytest.raises(ck.CurvkitValueError, match=match):
+        ck.hessian(model, nn.CrossEntropyLoss(), _ce_pair())
+
+
+@pytest.mark.parametrize("flag", ["scale_grad_by_freq", "sparse"])
+def test_embedding_flags_that_change_torchs_gradient_are_refused(flag):
+    """scale_grad_by_freq rescales torch's gradient by token counts within a batch (not the
+    function): the dense GGN came out 2.6 off and depended on the batch split; sparse=True gave
+    raw SparseCPU errors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, **{flag: True}), nn.Flatten(), nn.Linear(6, 2))
+    x, y = torch.tensor([[0, 0], [0, 1], [2, 0]]), torch.tensor([0, 1, 1])
+    with pytest.raises(ck.CurvkitValueError, match=rf"{flag}=True.*{flag} = False"):
+        ck.ggn(model.to(DT), nn.CrossEntropyLoss(), (x, y))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "block"])
+def test_int32_token_ids_work_on_every_structure(structure):
+    """nn.Embedding takes int32 ids and the dense path worked; the structured ones raised
+    one_hot's raw error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2)).to(DT)
+    x, y = torch.randint(0, 5, (7, 2)), torch.randint(0, 2, (7,))
+    want = ck.ggn(model, nn.CrossEntropyLoss(), (x, y), structure=structure).to_dense()
+    got = ck.ggn(model, nn.CrossEntropyLoss(), (x.int(), y), structure=structure).to_dense()
+    torch.testing.assert_close(got, want)
+
+
+def test_common_mistakes_get_clear_errors():
+    model, (x, y) = _mlp(), _ce_pair()
+    with pytest.raises(
+        ck.CurvkitTypeError, match=r"an instance, e.g. loss_fn=CrossEntropyLoss\(\)"
+    ):
+        ck.ggn(model, nn.CrossEntropyLoss, (x, y))
+    with pytest.raises(ck.CurvkitValueError, match=r"int64.*x.to\(torch.float64\)"):
+        ck.ggn(model, nn.CrossEntropyLoss(), (x.long(), y))
+    with pytest.raises(ck.CurvkitValueError, match="int64"):  # the Hessian failed on uint8
+        ck.hessian(model, nn.CrossEntropyLoss(), (x, y.to(torch.uint8)))
+    for structure in ("dense", "diag"):  # a .detach() in output_fn: silently all zero
+        with pytest.raises(ck.CurvkitValueError, match="does not depend on the model's output"):
+            ck.ggn(
+                model, nn.CrossEntropyLoss(), (x, y), structure=structure, output_fn=torch.detach
+            )
+
+
+def test_params_may_be_a_module_and_inputs_a_list():
+    """params=model[0] raised "'Linear' object is not iterable"; ([a, b], y) was read as a
+    loader of two batches."""
+    model, (x, y) = _mlp(), _ce_pair()
+    want = ck.ggn(model, nn.CrossEntropyLoss(), (x, y), params=list(model[0].parameters()))
+    torch.testing.assert_close(ck.ggn(model, nn.CrossEntropyLoss(), (x, y), params=model[0]), want)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, a, b):
+            return self.inner(a + b)
+
+    got = ck.ggn(Two(), nn.CrossEntropyLoss(), ([x, torch.zeros_like(x)], y))
+    torch.testing.assert_close(got, ck.ggn(model, nn.CrossEntropyLoss(), (x, y)))

@@ -21,7 +21,7 @@ from .errors import CurvkitTypeError, CurvkitValueError, check_count, check_gene
 from .losses import as_loss
 from .memory import check_dense
 from .operators.lowrank import LowRankOperator
-from .params import resolve_params
+from .params import resolve_params, unwrap_model
 from .spectral import top_eigenvalues
 
 STRUCTURES = ("dense", "operator", "diag", "kron", "ekfac", "block", "lowrank")
@@ -45,6 +45,26 @@ def _check_mode(model: nn.Module) -> None:
                     "statistics, which couples the samples of a batch and changes with the "
                     "batch split. Call model.eval() (it needs track_running_stats=True)."
                 )
+        random = isinstance(mod, nn.RReLU) or any(
+            type(h).__name__ == "SpectralNorm" for h in mod._forward_pre_hooks.values()
+        )
+        if random and mod.training:
+            raise CurvkitValueError(
+                f"{name or 'the model'} ({type(mod).__name__}) changes its function on every "
+                "call in training mode (RReLU draws random slopes; the legacy spectral_norm "
+                "takes a power-iteration step and updates the model). Call model.eval() first."
+            )
+        if isinstance(mod, nn.Embedding | nn.EmbeddingBag) and (
+            mod.scale_grad_by_freq or mod.sparse
+        ):
+            flag = "scale_grad_by_freq" if mod.scale_grad_by_freq else "sparse"
+            raise CurvkitValueError(
+                f"{name or 'the model'} ({type(mod).__name__}) has {flag}=True, which changes how "
+                "torch computes its gradient (rescaled by token counts within a batch, or as a "
+                "sparse tensor) but not the function; curvkit's derivatives would follow torch's "
+                f"and disagree with the function's. Set {name or 'model'}.{flag} = False while "
+                "computing curvature (the function, hence the curvature, is the same)."
+            )
 
 
 def _curvature(
@@ -75,6 +95,7 @@ def _curvature(
             f"memory_limit must be a positive int (bytes) or None (80% of available memory), "
             f"got {memory_limit!r}; e.g. memory_limit=8 * 2**30 for 8 GiB."
         )
+    model = unwrap_model(model)
     layout = resolve_params(model, params)
     dtypes = {t.dtype for t in layout.tensors}
     devices = {t.device for t in layout.tensors}

@@ -65,12 +65,20 @@ def translate(e: BaseException) -> BaseException | None:
     if isinstance(e, RuntimeError) and missing:
         op = missing.group(1)
         return CurvkitValueError(
-            f"torch implements no derivative of {op}, so second derivatives through "
-            f"{op.removesuffix('_backward')} cannot be taken. ck.hessian needs second "
-            "derivatives of the model and the loss, ck.ggn those of the loss only; ck.ef (and "
-            "ck.fisher, for a loss with a predictive distribution) needs first derivatives only. "
-            "Use one of those, or a twice-differentiable loss or op instead (e.g. "
-            "CrossEntropyLoss for a margin loss)."
+            f"torch implements no derivative of {op}, so curvkit cannot differentiate through "
+            f"{op.removesuffix('_backward')} twice. That is needed by ck.hessian always, by "
+            "ck.ggn for the loss's second derivative, and by the dense and matrix-free products "
+            "(structure='dense' or 'operator') of ck.ggn / ck.ef / ck.fisher, which "
+            "differentiate the model's backward pass. Their structured results "
+            "(structure='diag', 'block', 'kron' or 'ekfac') need first derivatives of the model "
+            "only. Or replace the op by a twice-differentiable one (CrossEntropyLoss for a "
+            "margin loss; explicit softmax attention for F.scaled_dot_product_attention)."
+        )
+    if isinstance(e, RuntimeError) and "randomness" in msg and "vmap" in msg:
+        return CurvkitValueError(
+            "forward() draws random numbers (F.dropout(..., training=True), torch.rand, ...): "
+            "the curvature of a random function is undefined. Call model.eval(), or make "
+            "forward() deterministic while computing curvature."
         )
     return None
 

@@ -36,7 +36,8 @@ class Batch:
 def _is_inputs(x: Any) -> bool:
     if isinstance(x, torch.Tensor | Mapping):
         return True
-    return isinstance(x, tuple) and all(isinstance(t, torch.Tensor) for t in x)
+    # a list of tensors too: positional arguments, as a DataLoader collates a tuple of inputs
+    return isinstance(x, tuple | list) and all(isinstance(t, torch.Tensor) for t in x)
 
 
 def _is_single_batch(data: Any) -> bool:
@@ -203,8 +204,8 @@ def call_model(
     kwargs: dict = {}
     if isinstance(inputs, Mapping):
         kwargs = dict(inputs)
-    elif isinstance(inputs, tuple):
-        args = inputs
+    elif isinstance(inputs, tuple | list):
+        args = tuple(inputs)
     else:
         args = (inputs,)
     try:
@@ -218,6 +219,10 @@ def call_model(
         raise mismatch from e
 
 
+def _is_plain_int(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
 def _dtype_mismatch(model: nn.Module, inputs: Any, e: RuntimeError) -> Exception | None:
     """A clear error for the common failure of float64 data (``torch.from_numpy``) fed to a
     float32 model, which torch reports deep inside the first layer; None for anything else."""
@@ -225,6 +230,9 @@ def _dtype_mismatch(model: nn.Module, inputs: Any, e: RuntimeError) -> Exception
         return None  # another error: torch's own message says more than a guess would
     theirs = {t.dtype for t in _tensors(inputs) if t.is_floating_point()}
     ours = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not theirs and ours and any(_is_plain_int(t) for t in _tensors(inputs)):
+        if re.search(r"mat1 and mat2|same dtype|expected .*Float|Long", str(e)):
+            theirs = {t.dtype for t in _tensors(inputs)}  # integer features, not token ids
     if not theirs or not ours or theirs <= ours:
         return None
     short = lambda d: str(d).removeprefix("torch.")  # noqa: E731

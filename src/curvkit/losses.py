@@ -223,7 +223,7 @@ class CrossEntropy(Loss):
         if not self._index_targets(tgt):
             _check_same_shape(self.name + " with class-probability targets", out, tgt)
             return
-        if tgt.dtype not in (torch.long, torch.uint8):
+        if tgt.dtype != torch.long:
             raise CurvkitValueError(
                 f"{self.name} class-index targets must be int64 (torch.long), as torch's loss "
                 f"requires; got {tgt.dtype}. Pass y.long()."
@@ -588,6 +588,11 @@ def _check_two_arguments(module: nn.Module) -> None:
 
 
 def as_loss(loss_fn, reduction: str | None) -> Loss:
+    if isinstance(loss_fn, type) and issubclass(loss_fn, nn.Module):
+        raise CurvkitTypeError(
+            f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, "
+            f"e.g. loss_fn={loss_fn.__name__}()."
+        )
     if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
         if reduction is not None and reduction != loss_fn.reduction:
             raise CurvkitValueError(

@@ -48,6 +48,20 @@ class ParamLayout:
         }
 
 
+def unwrap_model(model):
+    """The module to differentiate: ``torch.compile``'s wrapper and (Distributed)DataParallel
+    hold the user's module, whose parameters they share; curvkit transforms the function
+    itself (a compiled graph's second call, and DataParallel's replicas, reject that)."""
+    for _ in range(4):
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+    return model
+
+
 def resolve_params(model: nn.Module, params: Iterable[torch.Tensor] | None = None) -> ParamLayout:
     if not isinstance(model, nn.Module):
         raise CurvkitTypeError(
@@ -65,6 +79,8 @@ def resolve_params(model: nn.Module, params: Iterable[torch.Tensor] | None = Non
     else:
         if isinstance(params, torch.Tensor):
             params = [params]
+        elif isinstance(params, nn.Module):  # params=model.fc: that module's parameters
+            params = list(params.parameters())
         by_id = {id(p): n for n, p in named}
         chosen, seen = [], set()
         for i, p in enumerate(params):
@@ -104,4 +120,4 @@ def parameter_slices(
     >>> ck.parameter_slices(torch.nn.Linear(3, 2))
     {'weight': slice(0, 6, None), 'bias': slice(6, 8, None)}
     """
-    return resolve_params(model, params).slices()
+    return resolve_params(unwrap_model(model), params).slices()

@@ -78,7 +78,7 @@ class RuleLayer:
         once into one buffer (the bias's column of ones included)."""
         n = x.shape[0]
         if self.is_embedding:
-            a = F.one_hot(x.reshape(n, -1), self.in_size).to(self.module.weight.dtype)
+            a = F.one_hot(x.reshape(n, -1).long(), self.in_size).to(self.module.weight.dtype)
             if self.module.padding_idx is not None:  # its row gets no gradient
                 a[..., self.module.padding_idx] = 0
             return a
@@ -378,6 +378,8 @@ class Forward:
                 h.remove()
         if out.dim() == 0 or out.shape[0] != batch.size:
             raise_output_mismatch(out, batch)
+        if probing and self.output_fn is not None:
+            _check_output_fn(raw, self.output_fn)
         if not probing:  # the chain route records every batch; probe once
             batch.probe = self._probe_cache[key]
             return Trace(calls, out)
@@ -523,6 +525,27 @@ class Forward:
         return f
 
 
+def _check_output_fn(raw, output_fn) -> None:
+    """Refuse an ``output_fn`` whose result does not depend on the model's output (a
+    ``.detach()`` in it): every derivative would be zero, silently. Tried on the raw output's
+    tensors made differentiable; an output it cannot take that way (an object) is not checked."""
+    try:
+        with torch.enable_grad():
+            tracked = _map_tensors(
+                raw, lambda t: t.detach().requires_grad_() if t.is_floating_point() else t
+            )
+            picked = output_fn(tracked)
+    except Exception:
+        return
+    if isinstance(picked, torch.Tensor) and picked.is_floating_point() and not picked.requires_grad:
+        raise CurvkitValueError(
+            "output_fn returned a tensor that does not depend on the model's output (a "
+            ".detach(), .item() or torch.no_grad() inside it?): every curvature would be zero. "
+            "Return a differentiable function of the raw output, e.g. "
+            "output_fn=lambda out: out['logits']."
+        )
+
+
 def _check_samples_apart(alone: torch.Tensor, out: torch.Tensor, m: int) -> None:
     """Refuse a model whose output for a sample depends on the other samples of its batch
     (``h - h.mean(0)``, ``F.batch_norm(..., training=True)``): curvature per sample, and a
@@ -539,9 +562,10 @@ def _check_samples_apart(alone: torch.Tensor, out: torch.Tensor, m: int) -> None
             f"the model's output for a sample depends on the other samples of its batch: the "
             f"first {m} samples run on their own give outputs {diff:.3g} away from theirs in the "
             f"full batch (scale {scale:.3g}). Curvature per sample assumes samples that do not "
-            "see each other. Usual causes: batch statistics in forward() (BatchNorm in training "
-            "mode, F.batch_norm(..., training=True), x - x.mean(0)) or attention across the "
-            "batch dimension; use eval-mode or per-sample normalisation."
+            "see each other, and a deterministic forward(). Usual causes: batch statistics "
+            "(BatchNorm in training mode, F.batch_norm(..., training=True), x - x.mean(0)), "
+            "attention across the batch dimension, or randomness (F.dropout(..., "
+            "training=True)); use eval mode, per-sample normalisation, no random draws."
         )
 
 
