@@ -422,3 +422,63 @@ def test_a_last_batch_as_small_as_the_sub_probe_probes_again():
     G = ref_ggn(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), 1.0, [(x, y)])
     got = ck.ggn(model, nn.CrossEntropyLoss(reduction="sum"), batches)
     assert_close(got, G, what="dense GGN over batches of 8 and 2")
+
+
+# --------------------------------------------------------------------------------------------
+# callables and loaders users pass (an adversarial review of input handling)
+# --------------------------------------------------------------------------------------------
+def _linear_mse():
+    torch.manual_seed(3)
+    model = nn.Linear(3, 2).to(DT)
+    return model, torch.randn(8, 3, dtype=DT), torch.randn(8, 2, dtype=DT)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("structure", ["dense", "diag"])
+def test_mse_loss_mean_callable_matches_the_module(kind, structure):
+    """`lambda o, t: F.mse_loss(o, t)` with reduction="mean", the README's pattern, raised
+    torch's raw "ZeroTensors are immutable" from forward mode; reverse mode takes it."""
+    model, x, y = _linear_mse()
+    fn = getattr(ck, kind)
+    got = fn(model, lambda o, t: F.mse_loss(o, t), (x, y), reduction="mean", structure=structure)
+    want = fn(model, nn.MSELoss(), (x, y), structure=structure)
+    if structure != "dense":
+        got, want = got.to_dense(), want.to_dense()
+    assert_close(got, want)
+
+
+def test_a_mean_callable_over_one_sample_batches_is_caught():
+    """With batches of one sample the sum-or-mean check had no pair to look at, and a mean
+    callable taken as a sum gave an EF N× too large; it now pairs two batches' samples."""
+    model, x, y = _linear_mse()
+    batches = [(x[i : i + 1], y[i : i + 1]) for i in range(8)]
+    with pytest.raises(ck.CurvkitValueError, match="averages over samples"):
+        ck.ef(model, lambda o, t: ((o - t) ** 2).mean(), batches)
+    got = ck.ef(model, lambda o, t: ((o - t) ** 2).mean(), batches, reduction="mean")
+    assert_close(got, ck.ef(model, lambda o, t: ((o - t) ** 2).mean(), (x, y), reduction="mean"))
+
+
+class _Redrawn:
+    """A loader that draws other samples on every pass (shuffle=True with drop_last=True)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.passes = x, y, 0
+
+    def __iter__(self):
+        self.passes += 1
+        g = torch.Generator().manual_seed(self.passes)
+        idx = torch.randperm(self.x.shape[0], generator=g)[:6]
+        yield self.x[idx[:3]], self.y[idx[:3]]
+        yield self.x[idx[3:]], self.y[idx[3:]]
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+def test_a_ggn_operator_refuses_a_loader_that_draws_other_samples(kind):
+    """Two products with the same vector differed by 22% and Lanczos ran on no fixed matrix;
+    the Hessian and MC Fisher operators refused such a loader already."""
+    model, x, y = _linear_mse()
+    op = getattr(ck, kind)(model, nn.MSELoss(reduction="sum"), _Redrawn(x, y), structure="operator")
+    v = torch.ones(op.shape[0], dtype=DT)
+    op @ v
+    with pytest.raises(ck.CurvkitValueError, match="data changed after this operator was built"):
+        op @ v

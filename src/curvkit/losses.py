@@ -492,6 +492,7 @@ class CallableLoss(Loss):
         self.fn = fn
         self.name = getattr(fn, "__name__", type(fn).__name__)
         self._checked = False
+        self._spare: tuple | None = None  # a one-sample batch, to pair with the next one
 
     def sum_loss(self, out, tgt):
         value = self.fn(out, tgt)
@@ -509,8 +510,16 @@ class CallableLoss(Loss):
             return
         with torch.no_grad():
             self.sum_loss(out, tgt)  # raises unless the callable returns a scalar
+            if out.shape[0] == 1 and self._spare is not None:
+                # a loader of one-sample batches: the check pairs samples of two batches
+                try:
+                    out, tgt = torch.cat([self._spare[0], out]), torch.cat([self._spare[1], tgt])
+                except (RuntimeError, TypeError):
+                    pass  # other shapes (a sequence of another length): the next one may do
             pair = _telling_pair(self.fn, out, tgt)
             if pair is None:
+                if out.shape[0] == 1:
+                    self._spare = (out.detach(), tgt)
                 return  # sum and mean agree here (one sample, zero losses): try the next batch
             (a, b), idx = pair
             two = float(self.fn(out[idx], tgt[idx]))

@@ -141,9 +141,10 @@ class Problem:
         return 0 if self.source.single else data_print(batch)
 
     def _check_kept_data(self, prints: list[int]) -> None:
-        """The kept Hessian state answers for the data of the pass that made it: any later
-        pass must bring the same samples (in any order), else refuse. ``prints``: the
-        ``_data_print`` of each batch of this pass that used kept state."""
+        """An operator answers for the data of its first pass (a Hessian's kept state was made
+        from it; a GGN's products would mix matrices): any later pass must bring the same
+        samples (in any order), else refuse. ``prints``: the data prints of this pass's
+        batches."""
         if not prints:
             return
         total = sum(prints) % 2**64
@@ -151,9 +152,10 @@ class Problem:
             self._kept_print = total
         elif total != self._kept_print:
             raise CurvkitValueError(
-                "the data changed after this Hessian operator was built (its tensors edited in "
-                "place, or a loader that draws other samples); build a new operator with "
-                "ck.hessian."
+                "the data changed after this operator was built (its tensors edited in place, "
+                "or a loader that draws other samples: shuffle=True with drop_last=True, random "
+                "augmentation): its products would mix different matrices. Iterate the same "
+                "samples on every pass, or build a new operator."
             )
 
     def check_kept(self) -> None:
@@ -323,6 +325,8 @@ class Problem:
                 M = None
                 if self.kind != "hessian":
                     M = side(self.forward.output(batch))
+                    if self.repeated:  # nothing kept, but every pass must see the same data
+                        seen.append(data_print(batch))
                 else:
                     self._check_once(batch, side)
                 kept = self._kept_product(batch) if self.kind == "hessian" else None
