@@ -27,6 +27,25 @@ from .spectral import top_eigenvalues
 STRUCTURES = ("dense", "operator", "diag", "kron", "ekfac", "block", "lowrank")
 
 
+def _check_weight_norm(model: nn.Module, layout) -> None:
+    """torch's double backward through ``parametrizations.weight_norm`` (its fused
+    ``_weight_norm_interface``) is wrong in torch 2.13-2.14: the Hessian's block of the
+    direction parameter came out 0.64 off (finite differences agree with the plain-ops
+    formula). The GGN and EF need first derivatives of the model only and are right."""
+    for name, mod in model.named_modules():
+        plist = getattr(getattr(mod, "parametrizations", None), "weight", None)
+        if plist is None or not any(type(f).__name__ == "_WeightNorm" for f in plist):
+            continue
+        if any(layout.index_of(p) is not None for p in plist.parameters()):
+            raise CurvkitValueError(
+                f"{name or 'the model'} uses torch.nn.utils.parametrizations.weight_norm, whose "
+                "second derivative torch computes wrongly (its fused kernel's double backward), "
+                "so its Hessian would be off. Use ck.ggn / ck.ef (first derivatives only, "
+                "exact), or write the norm out in forward(): w = g * v / v.norm(dim=1, "
+                "keepdim=True)."
+            )
+
+
 def _check_mode(model: nn.Module) -> None:
     for name, mod in model.named_modules():
         rate = mod.p if isinstance(mod, nn.modules.dropout._DropoutNd) else None
@@ -122,6 +141,8 @@ def _curvature(
                 "Check the training run that produced it."
             )
     _check_mode(model)
+    if kind == "hessian":
+        _check_weight_norm(model, layout)
     check_count(
         "mc_samples", mc_samples, "label draws per sample", "e.g. mc_samples=1 (the default)."
     )

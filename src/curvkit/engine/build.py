@@ -41,6 +41,17 @@ def _group_label(problem: Problem, gname: str, kind: str) -> str:
     return f"{type(module).__name__} {gname!r} ({kind})"
 
 
+def _whole(layer, layout) -> bool:
+    """Whether the layer's rule covers every chosen parameter of its module. The legacy
+    ``weight_norm`` leaves a computed ``weight`` and adds ``weight_g``/``weight_v``: the rule
+    would take the bias alone, and the module's parameters would split over two blocks."""
+    own = {id(layer.module.weight), id(getattr(layer.module, "bias", None))}
+    return all(
+        id(p) in own or layout.index_of(p) is None
+        for p in layer.module.parameters(recurse=False)
+    )
+
+
 def _names_of(layers, layout) -> set[str]:
     out = set()
     for l in layers:
@@ -74,7 +85,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
 
     def body(batch, side, chunks):
         trace = fw.chain_trace(batch)  # also the probe rule_layers reads
-        layers = fw.rule_layers(batch, structured=True)
+        layers = [l for l in fw.rule_layers(batch, structured=True) if _whole(l, layout)]
         if structure == "block":  # a grouped conv's block spans its groups: the exact rows
             layers = [l for l in layers if l.groups == 1]
         if state["layers"] is None:

@@ -296,6 +296,8 @@ class Forward:
             if len(shapes) != 1 or (batched is not None and id(c.module) not in batched):
                 continue
             (ins, outs) = shapes[0]
+            if not ins:
+                continue  # called without a positional tensor (lin(input=x)): generic path
             if structured:
                 if c.is_conv:
                     ok = ins[0] == batch.size and len(ins) == c.module.weight.dim()
@@ -395,8 +397,11 @@ class Forward:
             found, reverse_only, batched = kin
             if batched is None or batch.size <= 2:
                 # kin had one sample, or this batch is as small as _batched's own sub-batch
-                # (m = 1 or 2), where a (2, F) table's leading size would pass for N
-                batched = self._batched(batch)
+                # (m = 1 or 2), where a (2, F) table's leading size would pass for N. A batch
+                # of one sample cannot tell (None): it keeps kin's findings, so a learned
+                # (1, F) token stays off the rules as on the loader's other batches.
+                own = self._batched(batch)
+                batched = own if own is not None or batched is None else batched
         else:
             real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
             found = frozenset(real[i] for i in watch.found)
