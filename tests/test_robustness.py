@@ -482,3 +482,33 @@ def test_a_ggn_operator_refuses_a_loader_that_draws_other_samples(kind):
     op @ v
     with pytest.raises(ck.CurvkitValueError, match="data changed after this operator was built"):
         op @ v
+
+
+class _Encoder(nn.Module):
+    """nn.TransformerEncoderLayer: F.scaled_dot_product_attention's CPU kernel has no second
+    derivative in torch (and no forward mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(7, 4)
+        self.t = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.o = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.o(self.t(self.e(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+def test_dense_ggn_and_ef_need_first_derivatives_only(kind):
+    """The dense GGN and EF of a TransformerEncoderLayer were refused (their products take a
+    double backward that torch lacks there); per-sample rows need first derivatives only."""
+    torch.manual_seed(0)
+    model = _Encoder().to(DT).eval()
+    batches = [
+        (torch.randint(0, 7, (3, 5)), torch.randint(0, 3, (3,))),
+        (torch.randint(0, 7, (2, 5)), torch.randint(0, 3, (2,))),
+    ]
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="sum")  # noqa: E731
+    ref = {"ggn": ref_ggn, "ef": ref_ef}[kind](model, ce, 1.0, batches)
+    got = getattr(ck, kind)(model, nn.CrossEntropyLoss(reduction="sum"), batches)
+    assert_close(got, ref, what=f"{kind} dense")

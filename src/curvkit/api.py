@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autodiff import missing_derivative
 from .curvature import _NAMES, CurvatureOperator
 from .data import DataSource
-from .engine.build import build
+from .engine.build import build, first_order_dense
 from .engine.problem import Problem
 from .errors import CurvkitTypeError, CurvkitValueError, check_count, check_generator
 from .losses import as_loss
@@ -177,7 +178,12 @@ def _curvature(
         return LowRankOperator(U, lam)
     if structure != "dense":
         return build(problem, structure, kfac)
-    return problem.dense()
+    try:
+        return problem.dense()
+    except CurvkitValueError as e:
+        if kind == "hessian" or not missing_derivative(e.__cause__):
+            raise
+        return first_order_dense(problem)  # an op without a second derivative in the model
 
 
 _DOC_ARGS = """

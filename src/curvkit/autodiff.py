@@ -33,6 +33,13 @@ def is_forward_ad_error(e: BaseException) -> bool:
     )
 
 
+def missing_derivative(e: BaseException | None):
+    """The match naming the op whose derivative torch lacks, if that is the error; else None."""
+    if not isinstance(e, RuntimeError):
+        return None
+    return re.search(r"derivative for (\S+) is not implemented", str(e))
+
+
 def translate(e: BaseException) -> BaseException | None:
     """A clear curvkit error for torch errors a user can act on, else None."""
     msg = str(e)
@@ -66,17 +73,17 @@ def translate(e: BaseException) -> BaseException | None:
             f"forward() changes a tensor in place with {op}, which the torch.func transforms "
             f"curvkit uses here cannot differentiate. Make the forward pass out of place.{hint}."
         )
-    missing = re.search(r"derivative for (\S+) is not implemented", msg)
-    if isinstance(e, RuntimeError) and missing:
+    missing = missing_derivative(e)
+    if missing:
         op = missing.group(1)
         return CurvkitValueError(
             f"torch implements no derivative of {op}, so curvkit cannot differentiate through "
             f"{op.removesuffix('_backward')} twice. That is needed by ck.hessian always, by "
-            "ck.ggn for the loss's second derivative, and by the dense and matrix-free products "
-            "(structure='dense' or 'operator') of ck.ggn / ck.ef / ck.fisher, which "
-            "differentiate the model's backward pass. Their structured results "
-            "(structure='diag', 'block', 'kron' or 'ekfac') need first derivatives of the model "
-            "only. Or replace the op by a twice-differentiable one (CrossEntropyLoss for a "
+            "ck.ggn for the loss's second derivative, and by the matrix-free products "
+            "(structure='operator') of ck.ggn / ck.ef / ck.fisher, which differentiate the "
+            "model's backward pass. Their dense and structured results (structure='dense', "
+            "'diag', 'block', 'kron' or 'ekfac') need first derivatives of the model only. Or "
+            "replace the op by a twice-differentiable one (CrossEntropyLoss for a "
             "margin loss; explicit softmax attention for F.scaled_dot_product_attention)."
         )
     if isinstance(e, RuntimeError) and "randomness" in msg and "vmap" in msg:

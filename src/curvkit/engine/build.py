@@ -47,8 +47,7 @@ def _whole(layer, layout) -> bool:
     would take the bias alone, and the module's parameters would split over two blocks."""
     own = {id(layer.module.weight), id(getattr(layer.module, "bias", None))}
     return all(
-        id(p) in own or layout.index_of(p) is None
-        for p in layer.module.parameters(recurse=False)
+        id(p) in own or layout.index_of(p) is None for p in layer.module.parameters(recurse=False)
     )
 
 
@@ -165,6 +164,22 @@ def _reduce_pairs(fw, batch, layers, side, trace, stats: dict):
         for l, g in zip(layers, grads):
             stats[id(l)].add_columns(g, s)
     return F, signs
+
+
+def first_order_dense(problem: Problem) -> torch.Tensor:
+    """The dense GGN / EF / Fisher as Σₙ (Fₙᵀ Jₙ)ᵀ (Fₙᵀ Jₙ) from per-sample rows of every chosen
+    parameter: first derivatives of the model only. The route for a model with an op that torch
+    cannot differentiate twice (F.scaled_dot_product_attention's CPU kernel), where the
+    products' jvp and double backward both fail."""
+    fw, names, P = problem.forward, list(problem.layout.names), problem.P
+    out = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
+
+    def body(batch, side, chunks):
+        F, signs = side(fw.output(batch))
+        rows, srows = _signed_rows(fallback_rows(fw, batch, F, names, chunks[0]), signs)
+        out.addmm_(srows.reshape(-1, P).T, rows.reshape(-1, P))
+
+    return out.mul_(problem._run("dense (first derivatives)", body, factor=True, lazy=True))
 
 
 def _signed_rows(rows, signs):
