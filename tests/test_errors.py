@@ -570,3 +570,40 @@ def test_hessian_through_parametrized_weight_norm_is_refused_ggn_is_not():
     G = ck.ggn(model, nn.CrossEntropyLoss(), data)
     assert G.shape == (30, 30) and bool(torch.isfinite(G).all())
     ck.hessian(model, nn.CrossEntropyLoss(), data, params=[model[2].weight])  # not through it
+
+
+def test_output_fn_on_an_object_output_is_accepted():
+    """A model returning a dataclass with .logits: output_fn=lambda o: o.logits was refused as
+    detaching (the check could not see inside the object)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _mlp()
+
+        def forward(self, x):
+            return Out(self.inner(x))
+
+    model, data = Wrapped(), _ce_pair()
+    got = ck.ggn(model, nn.CrossEntropyLoss(), data, output_fn=lambda o: o.logits)
+    torch.testing.assert_close(got, ck.ggn(model.inner, nn.CrossEntropyLoss(), data))
+
+
+def test_spectral_norm_parametrization_in_training_mode_is_refused():
+    model = _mlp()
+    torch.nn.utils.parametrizations.spectral_norm(model[0])
+    with pytest.raises(ck.CurvkitValueError, match="spectral_norm.*model.eval"):
+        ck.ggn(model.train(), nn.CrossEntropyLoss(), _ce_pair())
+    ck.ggn(model.eval(), nn.CrossEntropyLoss(), _ce_pair())
+
+
+def test_an_op_vmap_cannot_batch_gets_a_clear_error():
+    """An eval-mode RReLU: torch's vmap has no rule for rrelu_with_noise (raw RuntimeError)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.Linear(4, 2)).to(DT).eval()
+    with pytest.raises(ck.CurvkitValueError, match=r"vmap does not support.*LeakyReLU"):
+        ck.ef(model, nn.CrossEntropyLoss(), _ce_pair())

@@ -512,3 +512,152 @@ def test_dense_ggn_and_ef_need_first_derivatives_only(kind):
     ref = {"ggn": ref_ggn, "ef": ref_ef}[kind](model, ce, 1.0, batches)
     got = getattr(ck, kind)(model, nn.CrossEntropyLoss(reduction="sum"), batches)
     assert_close(got, ref, what=f"{kind} dense")
+
+
+# --------------------------------------------------------------------------------------------
+# the new checks' false refusals and misses (a second adversarial review)
+# --------------------------------------------------------------------------------------------
+class _Bank(nn.Module):
+    """Each sample attends over a shared memory bank (K, 4), passed as a second input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, bank):
+        return self.o((self.q(x) @ bank.T).softmax(-1) @ bank)
+
+
+def test_a_shared_input_with_the_batchs_leading_size_is_not_a_coupling():
+    """With K = N the bank looked batched, and slicing it made the samples look coupled."""
+    torch.manual_seed(0)
+    model = _Bank().to(DT)
+    x, bank, y = (
+        torch.randn(8, 4, dtype=DT),
+        torch.randn(8, 4, dtype=DT),
+        torch.randn(8, 2, dtype=DT),
+    )
+    mse = lambda o, t: ((o - t) ** 2).sum()  # noqa: E731
+    H = ck.hessian(model, mse, ((x, bank), y))
+    flat = FlatModel(model)
+    want = torch.func.hessian(lambda th: mse(flat(th, (x, bank)), y))(flat.theta0)
+    assert_close(H, want)
+
+
+class _Coupled(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(3, 4), nn.Linear(4, 2), how
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h.cumsum(0)) if self.how == "cumsum" else self.b(h - h.mean(0)) + 1e4
+
+
+@pytest.mark.parametrize("how", ["cumsum", "offset"])
+def test_one_way_and_offset_couplings_are_caught(how):
+    """h.cumsum(0): the first samples never see the rest (the check ran on the first ones);
+    a coupling under an output offset of 1e4 hid below a tolerance of 1e-3 of the scale."""
+    torch.manual_seed(0)
+    model = _Coupled(how).to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    with pytest.raises(ck.CurvkitValueError, match="depends on the other samples"):
+        ck.ggn(model, nn.MSELoss(reduction="sum"), (x, y))
+
+
+@pytest.mark.parametrize("flag", ["sparse", "scale_grad_by_freq"])
+def test_embedding_flags_are_fine_on_a_frozen_embedding(flag):
+    """The flags change the embedding weight's gradient only: refused when that weight is
+    chosen (tests/test_errors.py), exact when it is frozen or not chosen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, **{flag: True}), nn.Flatten(), nn.Linear(6, 2)).to(DT)
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randint(0, 5, (7, 2)), torch.randint(0, 2, (7,))
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="sum")  # noqa: E731
+    got = ck.ggn(model, nn.CrossEntropyLoss(reduction="sum"), (x, y))
+    assert_close(got, ref_ggn(model, ce, 1.0, [(x, y)], [model[2].weight, model[2].bias]))
+
+
+def test_separable_broadcasting_of_targets_is_accepted_cross_sample_is_not():
+    """(N, 1) outputs against (N, 4) targets (four measurements per sample) broadcast within a
+    sample: separable, and exact. (N,) integer targets against (N, 1) outputs broadcast across
+    samples: refused like float ones (int counts for PoissonNLLLoss were accepted, 5× off)."""
+    model, x, _ = _linear_mse()
+    model = nn.Linear(3, 1).to(DT)
+    y4 = torch.randn(8, 4, dtype=DT)
+    got = ck.hessian(model, nn.HuberLoss(reduction="sum"), (x, y4))
+    want = ck.hessian(model, lambda o, t: F.huber_loss(o.expand_as(t), t, reduction="sum"), (x, y4))
+    assert_close(got, want)
+    with pytest.raises(ck.CurvkitValueError, match="broadcasts to"):
+        ck.hessian(model, nn.PoissonNLLLoss(reduction="sum"), (x, torch.randint(0, 5, (8,))))
+
+
+def test_well_damped_float32_diagonal_is_invertible():
+    """Raw-pixel inputs make a float32 diagonal's largest entry 8e5; damped by 1e-3 it was
+    refused as 'singular to rounding', though a diagonal's entries are computed exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    x, y = torch.rand(256, 64) * 255, torch.randint(0, 10, (256,))
+    D = ck.ggn(model, nn.CrossEntropyLoss(reduction="sum"), (x, y), structure="diag")
+    P = D.add_identity(1e-3)
+    b = torch.ones(P.shape[0])
+    assert_close(P.solve(b), b / P.diagonal(), rtol=1e-6)
+
+
+class _Padded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x, pad):
+        return self.out(self.enc(self.inp(x), src_key_padding_mask=pad).mean(1))
+
+
+def test_transformer_encoder_with_a_padding_mask_takes_autograds_path():
+    """Under no_grad torch's fast path returns 0 at padded positions where the function
+    autograd differentiates has values; outputs and per-sample rows disagreed, and it was
+    refused."""
+    torch.manual_seed(0)
+    model = _Padded().to(DT).eval()
+    x, pad = torch.randn(4, 5, 3, dtype=DT), torch.zeros(4, 5, dtype=torch.bool)
+    pad[:, 3:] = True
+    y = torch.randn(4, 2, dtype=DT)
+    got = ck.ggn(model, nn.MSELoss(reduction="sum"), ((x, pad), y))
+    flat = FlatModel(model)  # the reference loops: torch's mask check cannot run under vmap
+    rows = [
+        torch.autograd.functional.jacobian(
+            lambda th, i=i: flat(th, (x[i : i + 1], pad[i : i + 1])), flat.theta0
+        )
+        for i in range(4)
+    ]
+    J = torch.cat([r.reshape(2, -1) for r in rows])
+    assert_close(got, 2 * J.T @ J)
+
+
+def test_one_sample_batches_of_varying_length_still_pair():
+    """Variable-length sequences, batch_size=1: consecutive batches rarely share a shape, and
+    the pairing only tried the previous one."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DT)
+    batches = [
+        (torch.randn(1, L, 3, dtype=DT), torch.randn(1, L, 2, dtype=DT)) for L in (3, 5, 3, 5, 2)
+    ]
+    with pytest.raises(ck.CurvkitValueError, match="averages over samples"):
+        ck.ef(model, lambda o, t: ((o - t) ** 2).sum(-1).mean(), batches)
+
+
+def test_a_fisher_draw_is_the_same_whichever_route_computes_it():
+    """The first-derivative route reran after a failed attempt had drawn labels from the
+    generator: the dense and block Fishers of one seed differed by 53%."""
+    torch.manual_seed(0)
+    model = _Padded().to(DT).eval()
+    x, pad = torch.randn(4, 5, 3, dtype=DT), torch.zeros(4, 5, dtype=torch.bool)
+    y = torch.randint(0, 2, (4,))
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    fisher = lambda s: ck.fisher(  # noqa: E731
+        model, ce, ((x, pad), y), structure=s, generator=torch.Generator().manual_seed(3)
+    )
+    assert_close(fisher("dense").diagonal(), fisher("block").diagonal())

@@ -47,7 +47,20 @@ def _check_weight_norm(model: nn.Module, layout) -> None:
             )
 
 
-def _check_mode(model: nn.Module) -> None:
+def _changes_each_call(mod: nn.Module) -> bool:
+    """RReLU draws random slopes and spectral norms (legacy hook or parametrization) take a
+    power-iteration step on every training-mode call."""
+    plists = getattr(mod, "parametrizations", None)
+    return (
+        isinstance(mod, nn.RReLU)
+        or any(type(h).__name__ == "SpectralNorm" for h in mod._forward_pre_hooks.values())
+        or any(
+            type(f).__name__ == "_SpectralNorm" for plist in (plists or {}).values() for f in plist
+        )
+    )
+
+
+def _check_mode(model: nn.Module, layout) -> None:
     for name, mod in model.named_modules():
         rate = mod.p if isinstance(mod, nn.modules.dropout._DropoutNd) else None
         if isinstance(getattr(mod, "dropout", None), float):  # nn.MultiheadAttention's own
@@ -65,18 +78,16 @@ def _check_mode(model: nn.Module) -> None:
                     "statistics, which couples the samples of a batch and changes with the "
                     "batch split. Call model.eval() (it needs track_running_stats=True)."
                 )
-        random = isinstance(mod, nn.RReLU) or any(
-            type(h).__name__ == "SpectralNorm" for h in mod._forward_pre_hooks.values()
-        )
-        if random and mod.training:
+        if mod.training and _changes_each_call(mod):
             raise CurvkitValueError(
                 f"{name or 'the model'} ({type(mod).__name__}) changes its function on every "
-                "call in training mode (RReLU draws random slopes; the legacy spectral_norm "
-                "takes a power-iteration step and updates the model). Call model.eval() first."
+                "call in training mode (RReLU draws random slopes; spectral_norm takes a "
+                "power-iteration step and updates the model). Call model.eval() first."
             )
-        if isinstance(mod, nn.Embedding | nn.EmbeddingBag) and (
-            mod.scale_grad_by_freq or mod.sparse
-        ):
+        chosen = isinstance(mod, nn.Embedding | nn.EmbeddingBag) and (
+            layout.index_of(mod.weight) is not None
+        )
+        if chosen and (mod.scale_grad_by_freq or mod.sparse):
             flag = "scale_grad_by_freq" if mod.scale_grad_by_freq else "sparse"
             raise CurvkitValueError(
                 f"{name or 'the model'} ({type(mod).__name__}) has {flag}=True, which changes how "
@@ -141,7 +152,7 @@ def _curvature(
                 f"parameter {name!r} contains NaN or Inf; curvature there is undefined. "
                 "Check the training run that produced it."
             )
-    _check_mode(model)
+    _check_mode(model, layout)
     if kind == "hessian":
         _check_weight_norm(model, layout)
     check_count(
@@ -178,12 +189,15 @@ def _curvature(
         return LowRankOperator(U, lam)
     if structure != "dense":
         return build(problem, structure, kfac)
+    drawn = generator.get_state() if generator is not None else None
     try:
         return problem.dense()
     except CurvkitValueError as e:
         if kind == "hessian" or not missing_derivative(e.__cause__):
             raise
-        return first_order_dense(problem)  # an op without a second derivative in the model
+    if drawn is not None:  # the Fisher's labels as the failed attempt drew them
+        generator.set_state(drawn)
+    return first_order_dense(problem)  # an op without a second derivative in the model
 
 
 _DOC_ARGS = """

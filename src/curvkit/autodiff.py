@@ -86,6 +86,19 @@ def translate(e: BaseException) -> BaseException | None:
             "replace the op by a twice-differentiable one (CrossEntropyLoss for a "
             "margin loss; explicit softmax attention for F.scaled_dot_product_attention)."
         )
+    unbatched = re.search(r"vmap: we do not yet support (\S+)", msg)
+    if isinstance(e, RuntimeError) and unbatched:
+        op = unbatched.group(1).rstrip(".")
+        hint = (
+            " An eval-mode nn.RReLU(lower, upper) is nn.LeakyReLU((lower + upper) / 2): swap it in"
+            if "rrelu" in op
+            else ""
+        )
+        return CurvkitValueError(
+            f"torch's vmap does not support {op}, which this computation maps over samples or "
+            "vectors. structure='diag', 'block', 'kron' or 'operator' may take another route "
+            f"here; or replace the op.{hint}."
+        )
     if isinstance(e, RuntimeError) and "randomness" in msg and "vmap" in msg:
         return CurvkitValueError(
             "forward() draws random numbers (F.dropout(..., training=True), torch.rand, ...): "

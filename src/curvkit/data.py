@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +194,25 @@ def pick_output(raw: Any, output_fn: Callable[[Any], torch.Tensor] | None) -> to
     return out
 
 
+_MHA = getattr(torch.backends, "mha", None)
+
+
+@contextmanager
+def _slow_path():
+    """Transformer layers' inference fast path off: under no_grad it returns 0 at padded
+    positions where autograd's path (the function curvkit differentiates) returns values, so
+    outputs and per-sample rows would disagree (torch >= 2.2 has the switch)."""
+    if _MHA is None or not hasattr(_MHA, "get_fastpath_enabled"):
+        yield
+        return
+    was = _MHA.get_fastpath_enabled()
+    _MHA.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        _MHA.set_fastpath_enabled(was)
+
+
 def call_model(
     model: nn.Module,
     inputs: Any,
@@ -209,9 +229,10 @@ def call_model(
     else:
         args = (inputs,)
     try:
-        if params is None:
-            return model(*args, **kwargs)
-        return functional_call(model, dict(params), args, kwargs)
+        with _slow_path():
+            if params is None:
+                return model(*args, **kwargs)
+            return functional_call(model, dict(params), args, kwargs)
     except RuntimeError as e:
         mismatch = _dtype_mismatch(model, inputs, e)
         if mismatch is None:

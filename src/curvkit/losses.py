@@ -161,16 +161,17 @@ def _class_total(tgt: torch.Tensor, weight: torch.Tensor | None, ignore_index: i
 
 
 def _check_no_broadcast(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
-    """Refuse float targets that torch would broadcast the output against: (N,) targets with
-    (N, 1) outputs make an (N, N) loss that pairs every output with every target (torch only
-    warns), which is neither the intended curvature nor separable over samples."""
-    if not tgt.is_floating_point() or tgt.shape == out.shape:
+    """Refuse targets that torch would broadcast across samples: (N,) targets with (N, 1)
+    outputs make an (N, N) loss that pairs every output with every target (torch only warns),
+    which is neither the intended curvature nor separable over samples. Broadcasting within a
+    sample ((N, 1) outputs against (N, 4) targets: four measurements each) is separable."""
+    if tgt.shape == out.shape:
         return
     try:
         shape = torch.broadcast_shapes(out.shape, tgt.shape)
     except RuntimeError:
         return  # not broadcastable: the loss itself raises its own error
-    if shape != out.shape:
+    if shape != out.shape and (tgt.dim() != out.dim() or shape[0] != out.shape[0]):
         raise CurvkitValueError(
             f"{name} got outputs of shape {tuple(out.shape)} and targets of shape "
             f"{tuple(tgt.shape)}, which torch broadcasts to {tuple(shape)}: every output would "
@@ -464,7 +465,8 @@ class TorchLoss(Loss):
         return float(tgt.numel())
 
     def check(self, out, tgt):
-        _check_no_broadcast(self.name, out, tgt)
+        if not (isinstance(self._summed, _CLASS_INDEX) and not tgt.is_floating_point()):
+            _check_no_broadcast(self.name, out, tgt)  # class indices have their own shapes
         if self._checked:
             return
         with torch.no_grad():
@@ -492,7 +494,7 @@ class CallableLoss(Loss):
         self.fn = fn
         self.name = getattr(fn, "__name__", type(fn).__name__)
         self._checked = False
-        self._spare: tuple | None = None  # a one-sample batch, to pair with the next one
+        self._spares: dict = {}  # shapes -> a one-sample batch, to pair with a later one
 
     def sum_loss(self, out, tgt):
         value = self.fn(out, tgt)
@@ -510,21 +512,22 @@ class CallableLoss(Loss):
             return
         with torch.no_grad():
             self.sum_loss(out, tgt)  # raises unless the callable returns a scalar
-            if out.shape[0] == 1 and self._spare is not None:
-                # a loader of one-sample batches: the check pairs samples of two batches
-                try:
-                    out, tgt = torch.cat([self._spare[0], out]), torch.cat([self._spare[1], tgt])
-                except (RuntimeError, TypeError):
-                    pass  # other shapes (a sequence of another length): the next one may do
+            # a loader of one-sample batches: the check pairs samples of two batches of the
+            # same shapes (sequences of one length)
+            key = (tuple(out.shape), tuple(tgt.shape))
+            spare = self._spares.get(key) if out.shape[0] == 1 else None
+            if spare is not None:
+                out, tgt = torch.cat([spare[0], out]), torch.cat([spare[1], tgt])
             pair = _telling_pair(self.fn, out, tgt)
             if pair is None:
                 if out.shape[0] == 1:
-                    self._spare = (out.detach(), tgt)
+                    self._spares[key] = (out.detach(), tgt)
                 return  # sum and mean agree here (one sample, zero losses): try the next batch
             (a, b), idx = pair
             two = float(self.fn(out[idx], tgt[idx]))
         self._checked = True
-        tol = 1e-4 * (abs(a) + abs(b)) + 1e-12
+        rel = max(1e-4, 10 * torch.finfo(out.dtype).eps) if out.is_floating_point() else 1e-4
+        tol = rel * (abs(a) + abs(b)) + 1e-12  # float16 rounds at 1e-3
         is_sum, is_mean = abs(two - (a + b)) <= tol, abs(two - (a + b) / 2) <= tol
         if self.reduction == "sum" and is_mean and not is_sum:
             raise CurvkitValueError(

@@ -427,19 +427,26 @@ class Forward:
         The rules read a layer's input rows as the samples whenever its leading size is N; a
         tensor that is not batched can have that size too (a learned (T, F) table with T = N,
         a sequence-first (T, N, F) input with T = N) and then every per-sample quantity is
-        wrong. So the model also runs on the first m < N samples (m = 2, or 1 when N = 2):
-        a sample dimension shrinks to m, any other dimension keeps its size. A model that
-        fails on the smaller batch gets no rules (the generic path is exact for any model).
+        wrong. So the model also runs on m < N of the samples (the first and the last, or the
+        last when N = 2): a sample dimension shrinks to m, any other dimension keeps its size.
+        A model that fails on the smaller batch gets no rules (the generic path is exact for any
+        model).
 
         Given the full batch's output ``out`` (a new family's first probe), that run also checks
-        that the samples do not see each other (see :func:`_check_samples_apart`)."""
+        that the samples do not see each other (see :func:`_check_samples_apart`); the last
+        sample is among them because a coupling can run one way only (``h.cumsum(0)``)."""
         n = batch.size
         if n == 1:
             return None
         if not self._candidates and out is None:
             return frozenset()  # no rule to confirm, no output to compare: no second pass
-        m = 1 if n == 2 else 2
-        sub = _map_tensors(batch.inputs, lambda t: t[:m] if t.dim() and t.shape[0] == n else t)
+        rows = [n - 1] if n == 2 else [0, n - 1]
+        m = len(rows)
+        pick = torch.tensor(rows)
+        leading = [t for t in _tensors(batch.inputs) if t.dim() and t.shape[0] == n]
+        sub = _map_tensors(
+            batch.inputs, lambda t: t[pick.to(t.device)] if t.dim() and t.shape[0] == n else t
+        )
         seen: dict[int, list] = defaultdict(list)
 
         def hook(mod, args, out):
@@ -457,8 +464,11 @@ class Forward:
         finally:
             for h in handles:
                 h.remove()
-        if alone is not None:
-            _check_samples_apart(alone, out, m)
+        if alone is not None and len(leading) == 1:
+            # one input with the batch's leading size: it is the samples. With several, one may
+            # be shared (a memory bank, a (T, T) mask with T = N) and slicing it changes the
+            # function itself, not a coupling: nothing to conclude.
+            _check_samples_apart(alone, out[pick.to(out.device)], m)
         return frozenset(i for i, lead in seen.items() if lead == [m])
 
     def _probe_params(self) -> dict[str, torch.Tensor]:
@@ -533,7 +543,10 @@ class Forward:
 def _check_output_fn(raw, output_fn) -> None:
     """Refuse an ``output_fn`` whose result does not depend on the model's output (a
     ``.detach()`` in it): every derivative would be zero, silently. Tried on the raw output's
-    tensors made differentiable; an output it cannot take that way (an object) is not checked."""
+    tensors made differentiable, for the plain containers that can be rebuilt so (a tensor, a
+    tuple, a list, a dict); any other output (a dataclass, a namedtuple) is not checked."""
+    if type(raw) not in (torch.Tensor, tuple, list, dict) and not isinstance(raw, torch.Tensor):
+        return
     try:
         with torch.enable_grad():
             tracked = _map_tensors(
@@ -551,21 +564,22 @@ def _check_output_fn(raw, output_fn) -> None:
         )
 
 
-def _check_samples_apart(alone: torch.Tensor, out: torch.Tensor, m: int) -> None:
+def _check_samples_apart(alone: torch.Tensor, full: torch.Tensor, m: int) -> None:
     """Refuse a model whose output for a sample depends on the other samples of its batch
     (``h - h.mean(0)``, ``F.batch_norm(..., training=True)``): curvature per sample, and a
-    loader's sum over batches, assume it does not (the Hessian came out 99% off). The first
-    m samples' outputs, run as their own batch, must equal theirs in the full batch up to
-    rounding (GEMM blocking differs between batch sizes)."""
-    if alone.shape != (m, *out.shape[1:]) or not alone.is_floating_point():
+    loader's sum over batches, assume it does not (the Hessian came out 99% off). The m
+    samples' outputs, run as their own batch, must equal theirs in the full batch (``full``)
+    up to rounding: GEMM blocking differs between batch sizes, so √eps of the outputs' scale."""
+    if alone.shape != full.shape or not alone.is_floating_point():
         return  # no sample dimension to compare along (or nothing smooth to compare)
-    full = out[:m].detach()
+    full = full.detach()
     scale = float(full.abs().max()) if full.numel() else 0.0
     diff = float((alone - full).abs().max()) if full.numel() else 0.0
-    if diff > 1e-3 * max(scale, 1e-6) + 100 * torch.finfo(out.dtype).eps:
+    eps = torch.finfo(full.dtype).eps
+    if diff > eps**0.5 * max(scale, 1e-6) + 100 * eps:
         raise CurvkitValueError(
-            f"the model's output for a sample depends on the other samples of its batch: the "
-            f"first {m} samples run on their own give outputs {diff:.3g} away from theirs in the "
+            f"the model's output for a sample depends on the other samples of its batch: "
+            f"{m} of its samples run on their own give outputs {diff:.3g} away from theirs in the "
             f"full batch (scale {scale:.3g}). Curvature per sample assumes samples that do not "
             "see each other, and a deterministic forward(). Usual causes: batch statistics "
             "(BatchNorm in training mode, F.batch_norm(..., training=True), x - x.mean(0)), "

@@ -16,7 +16,7 @@ import torch
 from ..errors import CurvkitTypeError, CurvkitValueError
 
 
-def check_positive_definite(eigenvalues: torch.Tensor, what: str) -> None:
+def check_positive_definite(eigenvalues: torch.Tensor, what: str, exact: bool = False) -> None:
     """Raise a clear error unless every eigenvalue is clearly > 0: the one check behind every
     structure's ``logdet``, ``solve``, ``inverse`` and ``sample`` (log, 1/λ or 1/√λ of an
     eigenvalue <= 0 is NaN or inf, never an answer).
@@ -25,9 +25,10 @@ def check_positive_definite(eigenvalues: torch.Tensor, what: str) -> None:
     of two factors' eigenvalues, are exact only to about eps·‖M‖. An eigenvalue below
     4·eps·max|λ| is zero up to rounding, whatever its sign, and 1/λ of it is noise (an
     undamped cross-entropy KFAC block left 9e-21 where the exact value is 0; its ``solve``
-    returned entries of 1e20 that did not solve anything). A negative eigenvalue within rounding
-    of zero is called singular, not indefinite: the fix is damping either way, but the advice
-    differs."""
+    returned entries of 1e20 that did not solve anything). ``exact`` eigenvalues (a diagonal's
+    entries, a low-rank operator's shift) carry no such error: any value > 0 is accepted. A
+    negative eigenvalue within rounding of zero is called singular, not indefinite: the fix is
+    damping either way, but the advice differs."""
     if eigenvalues.numel() == 0:
         return
     low = float(eigenvalues.min())
@@ -35,7 +36,7 @@ def check_positive_definite(eigenvalues: torch.Tensor, what: str) -> None:
     eps = torch.finfo(eigenvalues.dtype).eps
     if math.isnan(low) or math.isnan(high):
         raise CurvkitValueError(f"{what}: the operator's eigenvalues contain NaN.")
-    if low > 4 * eps * high:
+    if low > (0.0 if exact else 4 * eps * high):
         return
     if low >= -high * eps * max(100, eigenvalues.numel()):
         got = f"singular: its smallest eigenvalue {low:.3g} is zero up to rounding"

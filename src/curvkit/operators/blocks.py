@@ -15,6 +15,7 @@ from .base import check_positive_definite
 
 class Block:
     size: int
+    exact_eigenvalues = False  # computed by eigh, so exact only to rounding of the largest
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor: ...
     def diagonal(self) -> torch.Tensor: ...
@@ -33,11 +34,11 @@ class Block:
         return self.diagonal().sum()
 
 
-def _pow(lam: torch.Tensor, p: float) -> torch.Tensor:
+def _pow(lam: torch.Tensor, p: float, exact: bool = False) -> torch.Tensor:
     if p == 1:
         return lam
     if p < 0:
-        check_positive_definite(lam, "solve / inverse / sample")
+        check_positive_definite(lam, "solve / inverse / sample", exact)
     return lam.pow(p)
 
 
@@ -162,6 +163,8 @@ class DenseBlock(Block):
 
 
 class DiagBlock(Block):
+    exact_eigenvalues = True  # the entries themselves, each computed directly
+
     def __init__(self, v: torch.Tensor):
         self.v = v
         self.size = v.numel()
@@ -188,4 +191,4 @@ class DiagBlock(Block):
         return DiagBlock(self.v + delta)
 
     def power(self, p):
-        return DiagBlock(_pow(self.v, p))
+        return DiagBlock(_pow(self.v, p, exact=True))

@@ -82,7 +82,8 @@ class LowRankOperator(LinearOperator):
         lam = self.lam + self.shift
         if not self._full:
             lam = torch.cat([lam, self.lam.new_full((1,), self.shift)])
-        check_positive_definite(lam, what)
+        # Lanczos values to relative accuracy tol, the shift exact: nothing rounds to noise here
+        check_positive_definite(lam, what, exact=True)
 
     def logdet(self):
         self._check_invertible("logdet")

@@ -77,7 +77,9 @@ class BlockDiagonalOperator(LinearOperator):
     def _check_positive_definite(self, what: str) -> None:
         """Each block on its own scale (its eigenvalues' rounding is relative to its largest)."""
         for blk, label in zip(self.blocks, self.labels):
-            check_positive_definite(blk.eigenvalues(), f"{what} (block {label})")
+            check_positive_definite(
+                blk.eigenvalues(), f"{what} (block {label})", blk.exact_eigenvalues
+            )
 
     def logdet(self) -> torch.Tensor:
         self._check_positive_definite("logdet")
