@@ -89,12 +89,16 @@ def _check_mode(model: nn.Module, layout) -> None:
         )
         if chosen and (mod.scale_grad_by_freq or mod.sparse):
             flag = "scale_grad_by_freq" if mod.scale_grad_by_freq else "sparse"
+            why = {
+                "scale_grad_by_freq": "rescales torch's gradient by token counts within a batch, "
+                "so derivatives that follow it disagree with the function's",
+                "sparse": "makes torch's gradient a sparse tensor, which the torch.func "
+                "transforms curvkit uses cannot take",
+            }[flag]
             raise CurvkitValueError(
-                f"{name or 'the model'} ({type(mod).__name__}) has {flag}=True, which changes how "
-                "torch computes its gradient (rescaled by token counts within a batch, or as a "
-                "sparse tensor) but not the function; curvkit's derivatives would follow torch's "
-                f"and disagree with the function's. Set {name or 'model'}.{flag} = False while "
-                "computing curvature (the function, hence the curvature, is the same)."
+                f"{name or 'the model'} ({type(mod).__name__}) has {flag}=True, which {why}; "
+                f"the function itself is the same without it. Set {name or 'model'}.{flag} = "
+                "False while computing curvature."
             )
 
 
