@@ -75,7 +75,7 @@ class Problem:
         self._checked: set[int] = set()  # batches whose targets were checked against the loss
         self._kept: dict[int, Kept] = {}  # batch index -> its kept Hessian state
         self._kept_bytes, self._keep_none = 0, False
-        self._kept_print: int | None = None  # data_print of all batches when _kept was made
+        self._first_print: int | None = None  # the first checked pass's data prints, summed
         self._params_checked = False  # the MC Fisher's parameters compared in this pass
         self._budget: int | None = None
 
@@ -140,7 +140,7 @@ class Problem:
         kept state's Watch already compares exactly."""
         return 0 if self.source.single else data_print(batch)
 
-    def _check_kept_data(self, prints: list[int]) -> None:
+    def _check_same_data(self, prints: list[int]) -> None:
         """An operator answers for the data of its first pass (a Hessian's kept state was made
         from it; a GGN's products would mix matrices): any later pass must bring the same
         samples (in any order), else refuse. ``prints``: the data prints of this pass's
@@ -148,9 +148,9 @@ class Problem:
         if not prints:
             return
         total = sum(prints) % 2**64
-        if self._kept_print is None:
-            self._kept_print = total
-        elif total != self._kept_print:
+        if self._first_print is None:
+            self._first_print = total
+        elif total != self._first_print:
             raise CurvkitValueError(
                 "the data changed after this operator was built (its tensors edited in place, "
                 "or a loader that draws other samples: shuffle=True with drop_last=True, random "
@@ -311,7 +311,7 @@ class Problem:
             out.add_(batch_gradient(self.forward, batch) if kept is None else kept.gradient)
 
         scale = self._run("gradient", body, lazy=True)
-        self._check_kept_data(seen)
+        self._check_same_data(seen)
         return out.mul_(scale)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -339,7 +339,7 @@ class Problem:
                 out.add_(prod(V))
 
             scale = self._run("product", body, lazy=True)
-            self._check_kept_data(seen)
+            self._check_same_data(seen)
             return out.mul_(scale)
 
         return self._with_fallback(run)
