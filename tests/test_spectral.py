@@ -793,3 +793,15 @@ def test_top_eigenvalues_resumes_a_sequence_the_probe_cut():
             warnings.simplefilter("error", ck.CurvkitWarning)
             vals = ck.top_eigenvalues(op, k=5, generator=_gen(seed))
         assert_close(vals, expected, rtol=1e-4, what=f"seed {seed}")
+
+
+def test_top_eigenvalues_warns_in_absolute_terms_when_max_iter_runs_out():
+    """Ten copies of 0 at the top: the values are right, but the bounds converge slowly; the
+    warning said 'relative error bounds up to 3e+06', meaningless for a value of 0."""
+    g = _gen(5)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=DT))
+    lam = torch.cat([torch.zeros(10, dtype=DT), -torch.linspace(2, 50, 190, dtype=DT)])
+    A = (Q * lam) @ Q.T
+    with pytest.warns(ck.CurvkitWarning, match=r"max_iter.*may be off by up to .* allowed"):
+        vals = ck.top_eigenvalues(A, k=3, max_iter=20, generator=_gen(6))
+    assert vals.shape == (3,)

@@ -422,10 +422,14 @@ def top_eigenvalues(
 
             from .errors import CurvkitWarning
 
+            allowed = _allowed(theta, tol)[:k]
+            worst = int((err / allowed).argmax())
             warnings.warn(
-                f"top_eigenvalues stopped after {Q.shape[0]} iterations with relative error "
-                f"bounds up to {float((err / vals.abs()).max()):.2g} > tol={tol:g}; raise "
-                "max_iter or tol.",
+                f"top_eigenvalues stopped after {Q.shape[0]} iterations (max_iter) before its "
+                f"error bounds met tol={tol:g}: value {worst + 1} ({float(vals[worst]):.6g}) may "
+                f"be off by up to {float(err[worst]):.2g}, against {float(allowed[worst]):.2g} "
+                "allowed. Raise max_iter or tol. (Values at or near 0 with several copies, and "
+                "tight clusters, converge slowest.)",
                 CurvkitWarning,
                 stacklevel=2,
             )
