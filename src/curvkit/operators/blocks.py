@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .base import check_positive_definite
-
 
 class Block:
     size: int
@@ -23,7 +21,8 @@ class Block:
     def eigenvalues(self) -> torch.Tensor: ...
     def shifted(self, delta: float) -> Block: ...
     def power(self, p: float) -> Block:
-        """The block's matrix power Aᵖ (p = -1: inverse; p = -1/2: inverse square root)."""
+        """The block's matrix power Aᵖ (p = -1: inverse; p = -1/2: inverse square root); the
+        operator checks the block is positive definite first (``check_positive_definite``)."""
         ...
 
     def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,14 +31,6 @@ class Block:
 
     def trace(self) -> torch.Tensor:
         return self.diagonal().sum()
-
-
-def _pow(lam: torch.Tensor, p: float, exact: bool = False) -> torch.Tensor:
-    if p == 1:
-        return lam
-    if p < 0:
-        check_positive_definite(lam, "solve / inverse / sample", exact)
-    return lam.pow(p)
 
 
 class KronBlock(Block):
@@ -113,7 +104,7 @@ class KronBlock(Block):
 
     def power(self, p):
         e = self._eig()
-        return KronBlock(e.UB, e.UA, _pow(e.lam, p))
+        return KronBlock(e.UB, e.UA, e.lam.pow(p))
 
 
 class DenseBlock(Block):
@@ -154,7 +145,7 @@ class DenseBlock(Block):
 
     def power(self, p):
         lam, U = self._eigh()
-        lp = _pow(lam, p)
+        lp = lam.pow(p)
         if p < 0:  # λᵖ descends where λ ascends: keep eigh's ascending order for top_eigenpairs
             lp, U = lp.flip(0), U.flip(1)
         out = DenseBlock((U * lp) @ U.T)
@@ -191,4 +182,4 @@ class DiagBlock(Block):
         return DiagBlock(self.v + delta)
 
     def power(self, p):
-        return DiagBlock(_pow(self.v, p, exact=True))
+        return DiagBlock(self.v.pow(p))

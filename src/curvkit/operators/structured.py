@@ -81,6 +81,11 @@ class BlockDiagonalOperator(LinearOperator):
                 blk.eigenvalues(), f"{what} (block {label})", blk.exact_eigenvalues
             )
 
+    def _power(self, p: float, what: str) -> BlockDiagonalOperator:
+        """A^p block by block (p < 0: inverse, inverse square root), once A is checked."""
+        self._check_positive_definite(what)
+        return self._map([b.power(p) for b in self.blocks])
+
     def logdet(self) -> torch.Tensor:
         self._check_positive_definite("logdet")
         return sum(b.eigenvalues().log().sum() for b in self.blocks)
@@ -91,22 +96,20 @@ class BlockDiagonalOperator(LinearOperator):
         return self._map([b.shifted(delta) for b in self.blocks])
 
     def inverse(self) -> BlockDiagonalOperator:
-        self._check_positive_definite("inverse")
-        return self._map([b.power(-1.0) for b in self.blocks])
+        return self._power(-1.0, "inverse")
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """A⁻¹ b for b of shape (P,) or (P, k)."""
         b = self._operand(b, "solve(b)")
-        self._check_positive_definite("solve")
-        return self._map([blk.power(-1.0) for blk in self.blocks]) @ b
+        return self._power(-1.0, "solve") @ b
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, P) samples of N(0, A⁻¹), A⁻¹ᐟ² applied block by block to standard normals."""
         check_count("sample(n)", n, "the number of samples", "e.g. op.sample(100).")
         check_generator(generator)
-        self._check_positive_definite("sample")
+        root = self._power(-0.5, "sample")
         Z = torch.randn(self.shape[0], n, generator=generator, dtype=self.dtype, device=self.device)
-        return self._map([b.power(-0.5) for b in self.blocks])._matmat(Z).T
+        return root._matmat(Z).T
 
 
 def _first_tensor(b: Block) -> torch.Tensor:
