@@ -317,7 +317,7 @@ def top_eigenvalues(
     none is looked for when k = 1 or when all k values are within tol of θ_k (another copy
     changes nothing then). It costs a few products where the top eigenvalues stand clear of
     the rest of the spectrum (W-spectral, the top 10 of an 85k-parameter MLP's Hessian: 6 added
-    to 34-40) and more where they are packed (diag(1, ..., 1000), k = 5: about 40 added to
+    to 46-47) and more where they are packed (diag(1, ..., 1000), k = 5: about 40 added to
     170). When the first Krylov space is exhausted (the operator has few distinct
     eigenvalues, or v0 lies in an invariant subspace) the rest of the space is unexplored and
     the probe looks above θ_k(1 + tol) instead. ``max_iter`` counts the probe's products too;
