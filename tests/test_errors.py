@@ -594,6 +594,56 @@ def test_output_fn_on_an_object_output_is_accepted():
     torch.testing.assert_close(got, ck.ggn(model.inner, nn.CrossEntropyLoss(), data))
 
 
+def test_detaching_output_fn_is_refused_on_structured_outputs():
+    """A namedtuple, a dataclass or a transformers-style ModelOutput (a dict subclass whose
+    attributes mirror its items): a .detach() in output_fn gave all-zero curvature, unchecked,
+    because the check rebuilt plain containers only. Without the detach each is accepted."""
+    import collections
+    import dataclasses
+
+    Pair = collections.namedtuple("Pair", "logits aux")
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        note: str = "x"
+
+    class ModelOutput(collections.OrderedDict):  # transformers' ModelOutput, in short
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            super().__setattr__(key, value)
+
+        def __getattr__(self, key):
+            try:
+                return self[key]
+            except KeyError:
+                raise AttributeError(key) from None
+
+    def mo(t):
+        o = ModelOutput()
+        o["logits"] = t
+        o["loss"] = None
+        return o
+
+    wrappers = {"namedtuple": lambda t: Pair(t, t.sum()), "dataclass": Out, "ModelOutput": mo}
+    data = _ce_pair()
+    want = ck.ggn(_mlp(), nn.CrossEntropyLoss(), data)
+    for name, wrap in wrappers.items():
+
+        class Wrapped(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = _mlp()
+
+            def forward(self, x):
+                return wrap(self.inner(x))
+
+        with pytest.raises(ck.CurvkitValueError, match="does not depend on the model's output"):
+            ck.ggn(Wrapped(), nn.CrossEntropyLoss(), data, output_fn=lambda o: o.logits.detach())
+        got = ck.ggn(Wrapped(), nn.CrossEntropyLoss(), data, output_fn=lambda o: o.logits)
+        torch.testing.assert_close(got, want, msg=name)
+
+
 def test_spectral_norm_parametrization_in_training_mode_is_refused():
     model = _mlp()
     torch.nn.utils.parametrizations.spectral_norm(model[0])

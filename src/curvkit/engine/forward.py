@@ -16,9 +16,11 @@ other modules' parameters go through plain products instead (``products.py``).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -542,16 +544,14 @@ class Forward:
 
 def _check_output_fn(raw, output_fn) -> None:
     """Refuse an ``output_fn`` whose result does not depend on the model's output (a
-    ``.detach()`` in it): every derivative would be zero, silently. Tried on the raw output's
-    tensors made differentiable, for the plain containers that can be rebuilt so (a tensor, a
-    tuple, a list, a dict); any other output (a dataclass, a namedtuple) is not checked."""
-    if type(raw) not in (torch.Tensor, tuple, list, dict) and not isinstance(raw, torch.Tensor):
-        return
+    ``.detach()`` in it): every derivative would be zero, silently. Tried on a copy of the raw
+    output whose floating tensors are made differentiable (``_tracked``); an output that cannot
+    be copied so is not checked."""
     try:
+        tracked = _tracked(raw)
+        if tracked is None:
+            return
         with torch.enable_grad():
-            tracked = _map_tensors(
-                raw, lambda t: t.detach().requires_grad_() if t.is_floating_point() else t
-            )
             picked = output_fn(tracked)
     except Exception:
         return
@@ -562,6 +562,55 @@ def _check_output_fn(raw, output_fn) -> None:
             "Return a differentiable function of the raw output, e.g. "
             "output_fn=lambda out: out['logits']."
         )
+
+
+def _tracked(x, depth: int = 0):
+    """x with every floating tensor replaced by a detached copy that requires grad, rebuilt as
+    the same type: tensors, tuples, lists and namedtuples, mappings (a dict, a transformers
+    ``ModelOutput``), dataclasses; None where something else holds a tensor (or the nesting
+    is deeper than a model output's), so that the check is skipped, not misled."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_() if x.is_floating_point() else x
+    if depth > 8:
+        return None
+    items = None
+    if isinstance(x, tuple | list):
+        items = [_tracked(v, depth + 1) for v in x]
+        if any(n is None and v is not None for n, v in zip(items, x)):
+            return None
+        if type(x) in (tuple, list):
+            return type(x)(items)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+            return type(x)(*items)
+        return None
+    if isinstance(x, Mapping):
+        y = copy.copy(x)  # same type; a ModelOutput keeps its attributes in step with its items
+        for k, v in x.items():
+            t = _tracked(v, depth + 1)
+            if t is None and v is not None:
+                return None
+            y[k] = t
+        return y
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        changes = {}
+        for f in dataclasses.fields(x):
+            v = getattr(x, f.name)
+            t = _tracked(v, depth + 1)
+            if t is None and v is not None:
+                return None
+            if t is not v:
+                if not f.init:
+                    return None
+                changes[f.name] = t
+        return dataclasses.replace(x, **changes)
+    if _holds_no_tensor(x):
+        return x
+    return None
+
+
+def _holds_no_tensor(x) -> bool:
+    """Plain values an output may carry next to its tensors (a loss of None, a string)."""
+    return x is None or isinstance(x, bool | int | float | complex | str | bytes)
 
 
 def _check_samples_apart(alone: torch.Tensor, full: torch.Tensor, m: int) -> None:
