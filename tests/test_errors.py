@@ -631,16 +631,18 @@ def test_detaching_output_fn_is_refused_on_structured_outputs():
     for name, wrap in wrappers.items():
 
         class Wrapped(nn.Module):
-            def __init__(self):
+            def __init__(self, wrap):
                 super().__init__()
-                self.inner = _mlp()
+                self.inner, self.wrap = _mlp(), wrap
 
             def forward(self, x):
-                return wrap(self.inner(x))
+                return self.wrap(self.inner(x))
 
         with pytest.raises(ck.CurvkitValueError, match="does not depend on the model's output"):
-            ck.ggn(Wrapped(), nn.CrossEntropyLoss(), data, output_fn=lambda o: o.logits.detach())
-        got = ck.ggn(Wrapped(), nn.CrossEntropyLoss(), data, output_fn=lambda o: o.logits)
+            ck.ggn(
+                Wrapped(wrap), nn.CrossEntropyLoss(), data, output_fn=lambda o: o.logits.detach()
+            )
+        got = ck.ggn(Wrapped(wrap), nn.CrossEntropyLoss(), data, output_fn=lambda o: o.logits)
         torch.testing.assert_close(got, want, msg=name)
 
 
