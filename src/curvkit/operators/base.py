@@ -14,6 +14,7 @@ import numbers
 import torch
 
 from ..errors import CurvkitTypeError, CurvkitValueError
+from ..memory import check_dense
 
 
 def check_positive_definite(eigenvalues: torch.Tensor, what: str, exact: bool = False) -> None:
@@ -38,7 +39,8 @@ def check_positive_definite(eigenvalues: torch.Tensor, what: str, exact: bool = 
         raise CurvkitValueError(f"{what}: the operator's eigenvalues contain NaN.")
     if low > (0.0 if exact else 4 * eps * high):
         return
-    if low >= -high * eps * max(100, eigenvalues.numel()):
+    # within rounding of zero (which grows with the block's size): singular, not indefinite
+    if low >= -4 * eps * high * math.sqrt(eigenvalues.numel()):
         got = f"singular: its smallest eigenvalue {low:.3g} is zero up to rounding"
         fix = f"delta well above rounding (about {4 * eps * high:.2g} here)"
     else:
@@ -70,6 +72,28 @@ def check_damping(delta) -> float:
             "the structure; add a scalar, e.g. op.add_identity(1e-3)."
         )
     return float(delta)
+
+
+def check_scale(alpha, what: str = "op * alpha") -> float:
+    """The number of ``op * alpha`` (or ``alpha * op``, ``op / alpha``) as a float."""
+    if isinstance(alpha, LinearOperator):
+        raise CurvkitTypeError(
+            f"{what}: the product of two operators is not one curvkit keeps (it is not "
+            "symmetric in general); apply them in turn, A @ (B @ v)."
+        )
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 0 and not alpha.is_complex():
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        got = (
+            f"a tensor of shape {tuple(alpha.shape)}"
+            if isinstance(alpha, torch.Tensor)
+            else repr(alpha)
+        )
+        raise CurvkitValueError(
+            f"{what} scales an operator by one finite real number, got {got}. A per-coordinate "
+            "scaling D A D does not keep the structure; apply it to vectors instead."
+        )
+    return float(alpha)
 
 
 class LinearOperator:
@@ -117,15 +141,74 @@ class LinearOperator:
         """A vector likely rich in the top eigenvectors, for Krylov starts; None if unknown."""
         return None
 
-    def __mul__(self, alpha: float) -> LinearOperator:
-        return ScaledOperator(self, float(alpha))
+    # -- arithmetic: A * α, α * A, A / α, -A, A + B, A - B ----------------------------------------
+    def __mul__(self, alpha) -> LinearOperator:
+        return self._scaled(check_scale(alpha))
 
     __rmul__ = __mul__
 
-    def __add__(self, other: LinearOperator) -> LinearOperator:
-        if not isinstance(other, LinearOperator) or other.shape != self.shape:
-            raise CurvkitValueError("operators can only be added to operators of the same shape.")
+    def __truediv__(self, alpha) -> LinearOperator:
+        alpha = check_scale(alpha, "op / alpha")
+        if alpha == 0:
+            raise CurvkitValueError("op / alpha: alpha is 0.")
+        return self._scaled(1.0 / alpha)
+
+    def __neg__(self) -> LinearOperator:
+        return self._scaled(-1.0)
+
+    def _scaled(self, alpha: float) -> LinearOperator:
+        """α·A; structures that keep their algebra under scaling override this."""
+        return ScaledOperator(self, alpha)
+
+    def __add__(self, other) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            raise CurvkitTypeError(
+                f"operators add to operators, got {type(other).__name__}. For A + δI use "
+                "op.add_identity(delta)."
+            )
+        mine = (self.shape, self.dtype, self.device)
+        theirs = (other.shape, other.dtype, other.device)
+        if mine != theirs:
+            raise CurvkitValueError(
+                f"operators of shape, dtype and device {mine} and {theirs} cannot be added; "
+                "they must agree (build both from the same model, dtype and device)."
+            )
         return SumOperator(self, other)
+
+    def __radd__(self, other) -> LinearOperator:
+        if isinstance(other, numbers.Number) and other == 0:  # sum([A, B]) starts from 0
+            return self
+        return self.__add__(other)
+
+    def __sub__(self, other) -> LinearOperator:
+        if isinstance(other, LinearOperator):
+            other = -other
+        return self + other
+
+    # -- what only some structures can do ---------------------------------------------------------
+    def _cannot(self, what: str):
+        raise CurvkitTypeError(
+            f"{type(self).__name__} has no {what}: it only applies products (op @ v). The "
+            "structures of ck.hessian/ggn/fisher/ef (structure='kron', 'ekfac', 'diag', "
+            "'block', 'lowrank') have it, computed from the structure, and a dense matrix "
+            "(structure='dense') has torch.linalg; the sum of two operators, or a scaled "
+            "matrix-free one, keeps only products."
+        )
+
+    def add_identity(self, delta: float) -> LinearOperator:
+        self._cannot("add_identity")
+
+    def logdet(self) -> torch.Tensor:
+        self._cannot("logdet")
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        self._cannot("solve")
+
+    def inverse(self) -> LinearOperator:
+        self._cannot("inverse")
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        self._cannot("sample")
 
     # -- derived quantities (exact) --------------------------------------------------------------
     def _columns(self, block: int = 256):
@@ -137,10 +220,23 @@ class LinearOperator:
             yield start, stop, self._matmat(E)
 
     def to_dense(self) -> torch.Tensor:
+        self._check_dense()
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         for start, stop, cols in self._columns():
             out[:, start:stop] = cols
         return out
+
+    def _check_dense(self) -> None:
+        """Refuse, before allocating, a dense form that cannot fit (CurvkitMemoryError)."""
+        check_dense(
+            f"form of this {type(self).__name__}",
+            self.shape,
+            self.dtype,
+            self.device,
+            None,
+            "Use the operator itself: products, diagonal(), trace(), and for structures "
+            "logdet(), solve(), inverse().",
+        )
 
     def diagonal(self) -> torch.Tensor:
         out = torch.empty(self.shape[0], dtype=self.dtype, device=self.device)
@@ -205,6 +301,7 @@ class ScaledOperator(LinearOperator):
         return self.op._start_direction() if self.alpha > 0 else None
 
     def to_dense(self):
+        self._check_dense()
         return self.alpha * self.op.to_dense()
 
     def diagonal(self):
@@ -221,6 +318,7 @@ class SumOperator(LinearOperator):
         return self.a._matmat(V) + self.b._matmat(V)
 
     def to_dense(self):
+        self._check_dense()
         return self.a.to_dense() + self.b.to_dense()
 
     def diagonal(self):

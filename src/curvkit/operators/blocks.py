@@ -20,6 +20,7 @@ class Block:
     def to_dense(self) -> torch.Tensor: ...
     def eigenvalues(self) -> torch.Tensor: ...
     def shifted(self, delta: float) -> Block: ...
+    def scaled(self, alpha: float) -> Block: ...
     def power(self, p: float) -> Block:
         """The block's matrix power Aᵖ (p = -1: inverse; p = -1/2: inverse square root); the
         operator checks the block is positive definite first (``check_positive_definite``)."""
@@ -102,6 +103,12 @@ class KronBlock(Block):
         e = self._eig()
         return KronBlock(e.UB, e.UA, e.lam + delta)
 
+    def scaled(self, alpha):
+        if self.factors is not None:
+            B, A = self.factors
+            return KronBlock.from_factors(alpha * B, A)
+        return KronBlock(self.UB, self.UA, alpha * self.lam)
+
     def power(self, p):
         e = self._eig()
         return KronBlock(e.UB, e.UA, e.lam.pow(p))
@@ -143,6 +150,13 @@ class DenseBlock(Block):
             out._eig = (self._eig[0] + delta, self._eig[1])
         return out
 
+    def scaled(self, alpha):
+        out = DenseBlock(alpha * self.M)
+        if self._eig is not None:
+            lam, U = self._eig
+            out._eig = (alpha * lam, U) if alpha >= 0 else ((alpha * lam).flip(0), U.flip(1))
+        return out
+
     def power(self, p):
         lam, U = self._eigh()
         lp = lam.pow(p)
@@ -180,6 +194,9 @@ class DiagBlock(Block):
 
     def shifted(self, delta):
         return DiagBlock(self.v + delta)
+
+    def scaled(self, alpha):
+        return DiagBlock(alpha * self.v)
 
     def power(self, p):
         return DiagBlock(self.v.pow(p))

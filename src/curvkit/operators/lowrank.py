@@ -23,7 +23,11 @@ class LowRankOperator(LinearOperator):
     def diagonal(self):
         return (self.U.square() * self.lam).sum(1) + self.shift
 
+    def _scaled(self, alpha: float) -> LowRankOperator:
+        return LowRankOperator(self.U, alpha * self.lam, alpha * self.shift)
+
     def to_dense(self):
+        self._check_dense()
         eye = torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
         return (self.U * self.lam) @ self.U.T + self.shift * eye
 
@@ -79,11 +83,12 @@ class LowRankOperator(LinearOperator):
         """Off its top-k subspace the operator is shift·I, so the shift counts as an eigenvalue
         (the closed forms divide by it) unless the pairs span everything: undamped (shift 0)
         and k < P, the operator is singular."""
-        lam = self.lam + self.shift
+        # The stored values come from Lanczos: a zero eigenvalue (a GGN of rank below P, its
+        # pairs spanning everything) is stored as rounding noise of either sign, so they are
+        # checked like eigh's values; the shift of the complement is exact.
+        check_positive_definite(self.lam + self.shift, what)
         if not self._full:
-            lam = torch.cat([lam, self.lam.new_full((1,), self.shift)])
-        # Lanczos values to relative accuracy tol, the shift exact: nothing rounds to noise here
-        check_positive_definite(lam, what, exact=True)
+            check_positive_definite(self.lam.new_full((1,), self.shift), what, exact=True)
 
     def logdet(self):
         self._check_invertible("logdet")

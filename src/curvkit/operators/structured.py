@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check_count, check_generator
+from ..errors import CurvkitValueError, check_count, check_generator
 from .base import LinearOperator, check_damping, check_positive_definite
 from .blocks import Block
 
@@ -24,6 +24,7 @@ class BlockDiagonalOperator(LinearOperator):
         *,
         labels: list[str] | None = None,
     ):
+        _check_cover(blocks, index, P)
         self.blocks, self.index = blocks, index
         self.labels = labels or [type(b).__name__ for b in blocks]
         ref = index[0]
@@ -45,7 +46,11 @@ class BlockDiagonalOperator(LinearOperator):
             out[idx] = b.diagonal()
         return out
 
+    def _scaled(self, alpha: float) -> BlockDiagonalOperator:
+        return self._map([b.scaled(alpha) for b in self.blocks])
+
     def to_dense(self):
+        self._check_dense()
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         for b, idx in zip(self.blocks, self.index):
             out[idx[:, None], idx[None, :]] = b.to_dense()
@@ -110,6 +115,37 @@ class BlockDiagonalOperator(LinearOperator):
         root = self._power(-0.5, "sample")
         Z = torch.randn(self.shape[0], n, generator=generator, dtype=self.dtype, device=self.device)
         return root._matmat(Z).T
+
+
+def _check_cover(blocks: list[Block], index: list[torch.Tensor], P: int) -> None:
+    """The blocks' coordinates must be integer, match each block's size, and cover 0..P-1
+    exactly once: a gap or an overlap would make logdet, solve and eigenvalues wrong."""
+    if not blocks or len(blocks) != len(index):
+        raise CurvkitValueError(
+            f"BlockDiagonalOperator needs one index tensor per block and at least one block; "
+            f"got {len(blocks)} blocks and {len(index)} index tensors."
+        )
+    for i, (b, idx) in enumerate(zip(blocks, index)):
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 1:
+            got = f"{idx.dtype}, shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else idx
+            raise CurvkitValueError(
+                f"BlockDiagonalOperator: index {i} must be a 1-D int64 tensor, got {got}."
+            )
+        if idx.numel() != b.size:
+            raise CurvkitValueError(
+                f"BlockDiagonalOperator: block {i} has size {b.size} but index {i} names "
+                f"{idx.numel()} coordinates."
+            )
+    flat = torch.cat(index)
+    seen = torch.bincount(flat.clamp(0, max(P - 1, 0)), minlength=P) if flat.numel() else None
+    ok = flat.numel() == P and bool(((flat >= 0) & (flat < P)).all()) and bool((seen == 1).all())
+    if not ok:
+        raise CurvkitValueError(
+            f"BlockDiagonalOperator: the blocks' indices must cover the coordinates 0..{P - 1} "
+            f"exactly once; they name {flat.numel()} coordinates"
+            + ("" if flat.numel() == 0 else f" in [{int(flat.min())}, {int(flat.max())}]")
+            + " with gaps or repeats."
+        )
 
 
 def _first_tensor(b: Block) -> torch.Tensor:
