@@ -822,3 +822,56 @@ def test_top_eigenvalues_warns_in_absolute_terms_when_max_iter_runs_out():
     with pytest.warns(ck.CurvkitWarning, match=r"max_iter.*may be off by up to .* allowed"):
         vals = ck.top_eigenvalues(A, k=3, max_iter=20, generator=_gen(6))
     assert vals.shape == (3,)
+
+
+def test_max_iter_that_cuts_the_copy_probe_short_warns():
+    """kron(I_3, M): every eigenvalue three times. max_iter=25 ended the run during the probe
+    for missed copies and returned the pre-probe values, 0.65 off, without a warning."""
+    X = torch.randn(20, 20, generator=_gen(0), dtype=DT)
+    A = torch.kron(torch.eye(3, dtype=DT), X @ X.T / 20)
+    top = _top(A, 3)
+    for max_iter in (20, 25, 30):
+        with pytest.warns(ck.CurvkitWarning, match="max_iter"):
+            vals = ck.top_eigenvalues(A, 3, max_iter=max_iter, generator=_gen(1))
+        assert bool((vals <= top + 1e-9).all())  # Ritz values: never above the eigenvalues
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(ck.top_eigenvalues(A, 3, generator=_gen(1)), top, rtol=1e-6, what="default")
+
+
+def test_dense_operators_are_checked_like_tensors():
+    """ck.DenseOperator(A) of a non-symmetric A (or with symmetric=False) went straight into
+    Lanczos: top_eigenvalues 10.4 where the largest real eigenvalue is 5.0. An int64 one
+    raised torch's 'normal_kernel_cpu' error; a complex v0 lost its imaginary part."""
+    A = torch.randn(6, 6, generator=_gen(31), dtype=DT)
+    for op in (ck.DenseOperator(A), ck.DenseOperator(A + A.T, symmetric=False)):
+        with pytest.raises(ck.CurvkitValueError, match="symmetric"):
+            ck.top_eigenvalues(op, 2)
+        with pytest.raises(ck.CurvkitValueError, match="symmetric"):
+            ck.spectral_density(op)
+    ck.estimate_trace(ck.DenseOperator(A))  # Hutchinson needs no symmetry
+    for tool in (ck.top_eigenvalues, ck.estimate_trace, ck.estimate_diagonal):
+        with pytest.raises(ck.CurvkitTypeError, match="floating-point"):
+            tool(ck.DenseOperator(torch.eye(3, dtype=torch.long)))
+    with pytest.raises(ck.CurvkitTypeError, match="v0 must be a real vector"):
+        ck.top_eigenvalues(A + A.T, 1, v0=torch.ones(6, dtype=torch.complex128))
+
+
+def test_spectral_density_is_scale_invariant():
+    """Half the spectrum at 0, half at s: an absolute 1e-12 floor on the span made sigma the
+    whole span at s = 1e-14 (0.19 of the mass between the two atoms)."""
+    lam = torch.cat([torch.zeros(30, dtype=DT), torch.ones(30, dtype=DT)])
+    A = _with_spectrum(lam, seed=3)
+    x1, d1 = ck.spectral_density(A, generator=_gen(0))
+    for s in (1e-11, 1e-14):
+        x, d = ck.spectral_density(A * s, generator=_gen(0))
+        assert_close(x / s, x1, rtol=1e-6, what=f"grid at scale {s}")
+        assert_close(d * s, d1, rtol=1e-6, what=f"density at scale {s}")
+
+
+def test_structured_top_eigenvalues_without_vectors_match_the_pairs():
+    c = mlp_case()
+    op = ck.ggn(c.model, c.loss_fn, c.data, structure="kron").add_identity(0.1)
+    vals = ck.top_eigenvalues(op, k=7)
+    assert_close(vals, op.top_eigenpairs(7)[0], what="values only")
+    assert_close(vals, torch.linalg.eigvalsh(op.to_dense()).flip(0)[:7], what="against eigvalsh")

@@ -18,52 +18,76 @@ from .errors import (
     check_generator,
     check_positive,
 )
-from .memory import check_bytes
+from .memory import check_bytes, work_budget
 from .operators.base import DenseOperator, LinearOperator
 
 
 def _as_operator(op, symmetric_for: str | None = None) -> LinearOperator:
-    """``op`` as an operator; with ``symmetric_for`` (the tool's name), refuse a square tensor
-    that is not symmetric, since Lanczos would return numbers that mean nothing for it."""
+    """``op`` as an operator; with ``symmetric_for`` (the tool's name), refuse one that is not
+    symmetric (a square tensor, a ``DenseOperator``, an operator tagged ``is_symmetric=False``),
+    since Lanczos would return numbers that mean nothing for it."""
     if isinstance(op, LinearOperator):
         _check_precision(op.dtype)
+        if symmetric_for is not None and not op.is_symmetric:
+            raise CurvkitValueError(
+                f"{symmetric_for} needs a symmetric operator (it runs Lanczos); this "
+                f"{type(op).__name__} says it is not (is_symmetric=False). For a general matrix "
+                "use torch.linalg.eigvals."
+            )
+        if isinstance(op, DenseOperator):
+            _check_matrix(op.A, symmetric_for)
         return op
     if not isinstance(op, torch.Tensor):
         raise CurvkitTypeError(
             f"expected a curvkit operator or a square tensor, got {type(op).__name__}."
         )
-    if not op.is_floating_point():
-        raise CurvkitTypeError(f"expected a floating-point matrix, got dtype {op.dtype}.")
     _check_precision(op.dtype)
     dense = DenseOperator(op)  # checks that it is square
-    if not bool(torch.isfinite(op).all()):
-        bad = int((~torch.isfinite(op)).sum())
+    _check_matrix(op, symmetric_for)
+    return dense
+
+
+def _check_matrix(A: torch.Tensor, symmetric_for: str | None) -> None:
+    """Finite entries, and with ``symmetric_for`` symmetric up to √eps of its largest entry;
+    checked a block of rows at a time (a dense Hessian may take most of memory already)."""
+    n = A.shape[0]
+    rows = max(1, 2**22 // max(n, 1))
+    bad, off, size = 0, 0.0, 0.0
+    for i in range(0, n, rows):
+        R = A[i : i + rows]
+        bad += int((~torch.isfinite(R)).sum())
+        size = max(size, float(R.abs().max()))
+        if symmetric_for is not None:
+            off = max(off, float((R - A[:, i : i + rows].T).abs().max()))
+    if bad:
         raise CurvkitValueError(
             f"the matrix has {bad} NaN or Inf entries; its spectrum is undefined. Check how it "
             "was computed (a Hessian of a loss that overflowed, a division by zero)."
         )
-    if symmetric_for is not None and op.numel():
-        off = float((op - op.T).abs().max())
-        size = float(op.abs().max())
-        if off > torch.finfo(op.dtype).eps ** 0.5 * size:
-            raise CurvkitValueError(
-                f"{symmetric_for} needs a symmetric matrix (it runs Lanczos), but max |A − Aᵀ| "
-                f"= {off:.3g} against max |A| = {size:.3g}. If the asymmetry is rounding from "
-                "how A was computed, pass (A + A.T) / 2; for a general matrix use "
-                "torch.linalg.eigvals."
-            )
-    return dense
+    if off > torch.finfo(A.dtype).eps ** 0.5 * size:
+        raise CurvkitValueError(
+            f"{symmetric_for} needs a symmetric matrix (it runs Lanczos), but max |A − Aᵀ| "
+            f"= {off:.3g} against max |A| = {size:.3g}. If the asymmetry is rounding from "
+            "how A was computed, pass (A + A.T) / 2; for a general matrix use "
+            "torch.linalg.eigvals."
+        )
 
 
 def _check_precision(dtype: torch.dtype) -> None:
-    """Refuse float16/bfloat16: torch.linalg.eigh has no kernel for them, and their 3-4
-    significant digits could not meet a tolerance anyway; curvkit does not upcast silently
-    (a float32 copy of a big matrix doubles its memory)."""
+    """Refuse anything but float32/float64: float16/bfloat16 have no eigh kernel and 3-4
+    significant digits, which could not meet a tolerance anyway; curvkit does not upcast
+    silently (a float32 copy of a big matrix doubles its memory). Integer and complex
+    operators have no real symmetric spectrum to compute here."""
     if dtype in (torch.float16, torch.bfloat16):
         raise CurvkitTypeError(
             f"the spectral tools need float32 or float64, got {dtype} (no eigh kernel, and "
             "3-4 significant digits). Upcast it yourself: pass A.float() (or A.double()), or "
             "build the operator from a float32 model."
+        )
+    if dtype not in (torch.float32, torch.float64):
+        raise CurvkitTypeError(
+            "the spectral tools need a floating-point (float32 or float64) matrix or operator, "
+            f"got dtype {dtype}. Convert it: A.double()."
         )
 
 
@@ -215,6 +239,10 @@ def _checked_start(v0, op: LinearOperator) -> torch.Tensor:
     if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
         got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
         raise CurvkitValueError(f"v0 must be a tensor of shape ({n},), got {got}.")
+    if v0.is_complex():
+        raise CurvkitTypeError(
+            f"v0 must be a real vector (the operator is real symmetric), got {v0.dtype}."
+        )
     v0 = v0.to(dtype=op.dtype, device=op.device)
     norm = v0.norm()
     if not (bool(torch.isfinite(norm)) and norm > 0):
@@ -358,8 +386,9 @@ def top_eigenvalues(
     if v0 is not None:  # checked for every operator, also those that do not iterate
         v0 = _checked_start(v0, op)
     if hasattr(op, "top_eigenpairs"):  # structured: exact from the structure, no iteration
-        vals, vecs = op.top_eigenpairs(k)
-        return (vals, vecs) if eigenvectors else vals
+        if not eigenvectors:  # no (P, k) eigenvectors to build and drop
+            return op.eigenvalues()[:k]
+        return op.top_eigenpairs(k)
     max_iter = min(n, max_iter or max(4 * k + 60, 300))
     v0 = _start_vector(op, generator) if v0 is None else v0
 
@@ -378,7 +407,10 @@ def top_eigenvalues(
             if bool((theta[:k] - before > allowed).any()):
                 del state["probe"], state["kept"]  # a copy was missed: converge, probe again
                 return None
-            return _unseen_weight(H, beta, start, level) * (n - start) <= _UNSEEN or None
+            if _unseen_weight(H, beta, start, level) * (n - start) <= _UNSEEN:
+                state["checked"] = True
+                return True
+            return None
         excess = r[:k] / allowed
         if bool((excess > 1).any()):
             # A sequence cut for a probe stops converging: if its remainder now holds back
@@ -391,6 +423,7 @@ def top_eigenvalues(
         elif float(theta[0]) > least:
             level = (least + float(theta[0])) / 2
         else:
+            state["checked"] = True
             return True  # all k within tol of θ_k: another copy would change nothing
         state["probe"] = (m, theta[:k].clone(), level)
         state["kept"] = (theta[:k].clone(), S[:, :k].clone(), m)
@@ -401,31 +434,43 @@ def top_eigenvalues(
     Q, H, beta, fresh = _lanczos(
         op, v0, max_iter, on_step=step, restart=True, generator=generator, rows=2 * k + 40
     )
-    if "kept" in state:  # converged; the probe found nothing (or ran out of max_iter)
-        vals, S, m = state["kept"]
-        Q = Q[:m]
-    else:  # the last step's values, also when it stopped at max_iter
+    if state.get("checked"):  # converged, and the probe found nothing (or was not needed)
+        vals, S, m = state["kept"] if "kept" in state else (None, None, None)
+        if vals is None:
+            theta, S, _, _ = _ritz(H, beta, fresh)
+            vals = theta[:k]
+        else:
+            Q = Q[:m]
+    else:  # max_iter ended the run: the whole basis' values (never lower than the kept ones)
         theta, S, r, _ = _ritz(H, beta, fresh)
         vals, err = theta[:k], r[:k]
-        if not bool((err <= _allowed(theta, tol)[:k]).all()) and Q.shape[0] < n:
-            import warnings
-
-            from .errors import CurvkitWarning
-
-            allowed = _allowed(theta, tol)[:k]
+        allowed = _allowed(theta, tol)[:k]
+        if Q.shape[0] < n and "kept" in state:
+            _warn(
+                f"top_eigenvalues stopped after {Q.shape[0]} iterations (max_iter) while "
+                "checking for missed copies of repeated eigenvalues: the values converged, but "
+                "a copy may be missing from them. Raise max_iter."
+            )
+        elif Q.shape[0] < n and not bool((err <= allowed).all()):
             worst = int((err / allowed).argmax())
-            warnings.warn(
+            _warn(
                 f"top_eigenvalues stopped after {Q.shape[0]} iterations (max_iter) before its "
                 f"error bounds met tol={tol:g}: value {worst + 1} ({float(vals[worst]):.6g}) may "
                 f"be off by up to {float(err[worst]):.2g}, against {float(allowed[worst]):.2g} "
                 "allowed. Raise max_iter or tol. (Values at or near 0 with several copies, and "
-                "tight clusters, converge slowest.)",
-                CurvkitWarning,
-                stacklevel=2,
+                "tight clusters, converge slowest.)"
             )
     if eigenvectors:
         return vals, Q.T @ S[:, :k]
     return vals
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    from .errors import CurvkitWarning
+
+    warnings.warn(message, CurvkitWarning, stacklevel=3)
 
 
 def estimate_trace(
@@ -463,14 +508,27 @@ def estimate_trace(
             least=3,
         )
 
-    def rademacher(m):
-        z = torch.randint(0, 2, (n, m), generator=generator).to(op.dtype).to(op.device)
-        return 2 * z - 1
+    def rademacher(m):  # ±1 drawn in the operator's dtype: no int64 copy of the block
+        z = torch.randint(0, 2, (n, m), generator=generator, dtype=op.dtype)
+        return z.mul_(2).sub_(1).to(op.device)
 
-    if method == "hutchinson":
-        Z = rademacher(num_matvecs)
-        return (Z * (op @ Z)).sum() / num_matvecs
+    size = torch.empty((), dtype=op.dtype).element_size()
+    if method == "hutchinson":  # probes in blocks that fit the work budget (~3 copies each)
+        per = max(1, work_budget(op.device, None) // max(3 * n * size, 1))
+        total = torch.zeros((), dtype=op.dtype, device=op.device)
+        for start in range(0, num_matvecs, per):
+            Z = rademacher(min(per, num_matvecs - start))
+            total += (Z * (op @ Z)).sum()
+        return total / num_matvecs
     m = num_matvecs // 3
+    check_bytes(
+        f"Hutch++'s sketch of {m} vectors of size {n} (and its products)",
+        3 * n * m * size,
+        op.device,
+        None,
+        "Lower num_matvecs, or use method='hutchinson', which works in blocks.",
+        can_raise=False,
+    )
     Q, _ = torch.linalg.qr(op @ rademacher(m))
     G = rademacher(m)
     G = G - Q @ (Q.T @ G)
@@ -502,7 +560,8 @@ def estimate_diagonal(
     done = 0
     while done < num_matvecs:
         m = min(block, num_matvecs - done)
-        Z = 2 * torch.randint(0, 2, (n, m), generator=generator).to(op.dtype).to(op.device) - 1
+        Z = torch.randint(0, 2, (n, m), generator=generator, dtype=op.dtype)
+        Z = Z.mul_(2).sub_(1).to(op.device)
         acc += (Z * (op @ Z)).sum(1)
         done += m
     return acc / num_matvecs
@@ -541,7 +600,7 @@ def spectral_density(
     lo, hi = float(theta.min()), float(theta.max())
     # a single distinct eigenvalue (the identity) has no spread: in float32 a grid that narrow
     # collapses onto a few representable points and the density integrated to ~10
-    span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-12)
+    span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi))) or 1.0  # 1.0: only zeros, no scale
     sigma = sigma or span / 100
     pad = 0.5 * (span - (hi - lo)) + 5 * sigma  # centred; 5 sigma (5% by default) past the ends
     # points at most sigma apart: the trapezoid rule's error on the Gaussians is then about
@@ -555,10 +614,13 @@ def spectral_density(
             f"grid >= {needed} or a larger sigma."
         )
     x = torch.linspace(lo - pad, hi + pad, grid, dtype=op.dtype)
-    dens = (
-        w[None, :].cpu() * torch.exp(-0.5 * ((x[:, None] - theta[None, :].cpu()) / sigma).square())
-    ).sum(1) / (sigma * math.sqrt(2 * math.pi))
-    return x, dens
+    theta, w = theta.cpu(), w.cpu()
+    dens = torch.empty_like(x)
+    rows = max(1, 2**20 // theta.numel())  # grid points per chunk: (rows, Ritz values) at most
+    for i in range(0, grid, rows):
+        z = (x[i : i + rows, None] - theta[None, :]) / sigma
+        dens[i : i + rows] = (w * torch.exp(-0.5 * z.square())).sum(1)
+    return x, dens / (sigma * math.sqrt(2 * math.pi))
 
 
 def _check_density_args(num_probes, steps, grid, sigma) -> None:
@@ -602,7 +664,8 @@ def plot_spectral_density(
     ax.plot(torch.as_tensor(x).detach().cpu().numpy(), y)
     if log:
         ax.set_yscale("log")
-        ax.set_ylim(max(y.max() * 1e-8, 1e-12), y.max() * 2)
+        if y.max() > 0:  # eight decades below the peak, whatever its scale
+            ax.set_ylim(y.max() * 1e-8, y.max() * 2)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.set_title(title)
