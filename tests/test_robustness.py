@@ -661,3 +661,86 @@ def test_a_fisher_draw_is_the_same_whichever_route_computes_it():
         model, ce, ((x, pad), y), structure=s, generator=torch.Generator().manual_seed(3)
     )
     assert_close(fisher("dense").diagonal(), fisher("block").diagonal())
+
+
+def _linear_classifier(n: int = 4, c: int = 3):
+    torch.manual_seed(0)
+    return nn.Linear(2, c).to(DT).eval(), torch.randn(n, 2, dtype=DT)
+
+
+@pytest.mark.parametrize(
+    "loss_fn,y",
+    [
+        (
+            nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 5.0], dtype=DT), reduction="sum"),
+            torch.tensor([0, 1, 2, 1]),
+        ),
+        (nn.CrossEntropyLoss(ignore_index=1, reduction="sum"), torch.tensor([0, 1, 2, 1])),
+        (
+            nn.BCEWithLogitsLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=DT), reduction="sum"),
+            torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]], dtype=DT),
+        ),
+    ],
+    ids=["ce_weight", "ce_ignore_real_class", "bce_logits_weight"],
+)
+def test_mc_fisher_of_weighted_losses_averages_to_the_ggn(loss_fn, y):
+    """Each draw weighted by its own target's weight, as in the GGN. The loss's gradient at the
+    draw carried the drawn class's weight (w of the draw, squared: 9.5x off for CE, w^2 for BCE)
+    and dropped draws equal to a real ignore_index class."""
+    model, x = _linear_classifier()
+    G = ck.ggn(model, loss_fn, (x, y))
+    Fm = ck.fisher(
+        model, loss_fn, (x, y), mc_samples=3000, generator=torch.Generator().manual_seed(0)
+    )
+    assert rel_error(Fm, G) < 0.08, rel_error(Fm, G)  # the flaws: 0.3 to 9x
+
+
+def test_callable_mean_over_part_of_the_samples_is_refused_on_a_loader():
+    """F.cross_entropy's default mean skips ignored targets: a mean, but not over samples. The
+    first batch's pair passed the check and the batches were weighted by N_b / N (22% off)."""
+    model, x = _linear_classifier(6)
+    y = torch.tensor([0, 2, -100, 1, -100, 2])
+    fn = lambda o, t: F.cross_entropy(o, t)  # noqa: E731
+    want = ck.ggn(model, nn.CrossEntropyLoss(), (x, y))
+    assert_close(ck.ggn(model, fn, (x, y), reduction="mean"), want, what="one batch: exact")
+    with pytest.raises(ck.CurvkitValueError, match="not a mean over samples"):
+        ck.ggn(model, fn, [(x[:2], y[:2]), (x[2:], y[2:])], reduction="mean")
+
+
+def test_loss_weights_are_checked_against_the_output():
+    model, x = _linear_classifier()
+    y = torch.tensor([0, 1, 2, 1])
+    for w, match in [
+        (torch.ones(4, dtype=DT), r"weight has shape \(4,\).*needs shape \(3,\)"),
+        (torch.ones(3), "weight is torch.float32"),
+    ]:
+        for fn in (ck.ggn, ck.ef, ck.hessian):
+            with pytest.raises(ck.CurvkitValueError, match=match):
+                fn(model, nn.CrossEntropyLoss(weight=w), (x, y))
+    yb = torch.rand(4, 3, dtype=DT)
+    bce = nn.BCEWithLogitsLoss(weight=torch.rand(4, 3, dtype=DT))  # per sample of all the data
+    ck.ggn(model, bce, (x, yb))  # one batch: it fits
+    with pytest.raises(ck.CurvkitValueError, match="does not follow a loader's batches"):
+        ck.ggn(model, bce, [(x[:2], yb[:2]), (x[2:], yb[2:])])
+
+
+def test_ggn_of_nll_on_log_probabilities_warns_that_it_is_zero():
+    model, x = _linear_classifier()
+    net = nn.Sequential(model, nn.LogSoftmax(dim=1))
+    y = torch.tensor([0, 1, 2, 1])
+    with pytest.warns(ck.CurvkitWarning, match="GGN of NLLLoss is zero"):
+        G = ck.ggn(net, nn.NLLLoss(), (x, y))
+    assert not bool(G.any())
+    with pytest.warns(ck.CurvkitWarning, match="GGN of NLLLoss is zero"):
+        ck.ggn(net, nn.NLLLoss(), (x, y), structure="kron")
+
+
+def test_mean_over_targets_broadcast_within_a_sample_uses_torchs_denominator():
+    """Huber on (N, 3) outputs against (N, 1) targets: torch's mean divides by 3N; the check
+    refused it ("cannot tell what its mean averages over")."""
+    model, x = _linear_classifier(6)
+    y = torch.randn(6, 1, dtype=DT)
+    with pytest.warns(UserWarning):  # torch's own broadcasting warning
+        mean = ck.ggn(model, nn.HuberLoss(), [(x[:2], y[:2]), (x[2:], y[2:])])
+        total = ck.ggn(model, nn.HuberLoss(reduction="sum"), (x, y))
+    assert_close(mean, total / 18, what="mean = sum / 3N")

@@ -7,7 +7,8 @@ Jacobian into a curvature, C = s · Σₙ Jₙᵀ Mₙ Jₙ:
 
 * ``ggn``:    Mₙ = ∂²ℓₙ/∂fₙ² (closed forms for the standard losses, autodiff otherwise);
 * ``ef``:     Mₙ = ∇ℓₙ ∇ℓₙᵀ (empirical Fisher);
-* ``fisher``: Mₙ = (1/S) Σₛ ∇ℓₙ(ỹₛ) ∇ℓₙ(ỹₛ)ᵀ, ỹₛ drawn from the model's predictive (MC).
+* ``fisher``: Mₙ = κₙ (1/S) Σₛ ∇ℓₙ(ỹₛ) ∇ℓₙ(ỹₛ)ᵀ, ỹₛ drawn from the model's predictive (MC),
+  ℓ without the loss's weights and κₙ the weight of sample n's own target.
 
 Outputs are handled flattened per sample, fₙ ∈ ℝᶜ with C = prod(output.shape[1:]).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -25,13 +27,15 @@ from torch import nn
 from torch.func import grad, vmap
 
 from .autodiff import hessian_map, is_forward_ad_error, translated
-from .errors import CurvkitTypeError, CurvkitValueError
+from .errors import CurvkitTypeError, CurvkitValueError, CurvkitWarning
 
 
 class Loss:
     """Base: a loss ``(output, target) -> Σₙ ℓₙ`` with a reduction of ``"sum"`` or ``"mean"``."""
 
     name = "loss"
+    linear_in_output = False  # ∂²ℓ/∂f² = 0 (log-probability inputs): the GGN is zero
+    one_batch = False  # set by the caller: the data is a single batch, not a loader
 
     def __init__(self, reduction: str):
         self.reduction = reduction
@@ -98,7 +102,9 @@ class Loss:
     def output_matrix(self, kind: str, out, tgt, mc_samples: int = 1, generator=None):
         """(N, C, C) per-sample Mₙ for ``kind`` in ('ggn', 'ef', 'fisher')."""
         if kind == "ggn":
-            return self.output_hessian(out, tgt)
+            M = self.output_hessian(out, tgt)
+            self._warn_if_zero_ggn(M)
+            return M
         if kind == "ef":
             g = self.per_sample_grads(out, tgt)
             return g[:, :, None] * g[:, None, :]
@@ -116,6 +122,7 @@ class Loss:
             return self.fisher_factors(out, tgt, mc_samples, generator), None
         closed = self._closed_form_sqrt(out.detach(), tgt)
         if closed is not None:
+            self._warn_if_zero_ggn(closed)
             return closed, None
         lam, U = torch.linalg.eigh(self.output_hessian(out, tgt))
         signs = torch.sign(lam)
@@ -128,13 +135,45 @@ class Loss:
         """(N, C, S): sampled gradients / √S, so that F̂ₙ = UₙUₙᵀ."""
         out = out.detach()
         Y = [self.sample_targets(out, tgt, generator) for _ in range(mc_samples)]
-        first = self._closed_form_grad(out, Y[0])
-        if first is not None:  # closed form: a few elementwise ops per draw
-            rest = [self._closed_form_grad(out, y) for y in Y[1:]]
-            cols = torch.stack([first, *rest]).reshape(mc_samples, out.shape[0], -1)  # (S, N, C)
-        else:  # a loop, not vmap: torch losses such as label smoothing do not run under vmap
-            cols = torch.stack([self.per_sample_grads(out, y) for y in Y])
+        # a loop, not vmap: torch losses such as label smoothing do not run under vmap
+        cols = torch.stack([self._fisher_grads(out, tgt, y) for y in Y])  # (S, N, C)
         return cols.permute(1, 2, 0) / mc_samples**0.5
+
+    def _fisher_grads(self, out, tgt, y) -> torch.Tensor:
+        """(N, C): the gradient of ℓₙ at the drawn target yₙ (closed form where known)."""
+        return self.per_sample_grads(out, y)
+
+    def _weighted_fisher_grads(self, out, y, scale) -> torch.Tensor:
+        """√κ times the gradient of the loss without its weights at the draw y, ``scale`` = √κ
+        broadcasting against ``out`` (κ: the weight of each sample's own target, as in the
+        GGN): the draws then average to κ times the unweighted Fisher, which is the GGN for
+        these losses. The loss's own gradient at the draw would carry the weight of the drawn
+        target instead (w of ỹ, squared)."""
+        plain = copy.copy(self)
+        plain.weight = None
+        g = plain.per_sample_grads(out, y)
+        return (g.reshape(out.shape) * _root(scale, self.name)).reshape(out.shape[0], -1)
+
+    def _warn_if_zero_ggn(self, M: torch.Tensor) -> None:
+        if self.linear_in_output and M.numel() and not bool(M.any()):
+            warnings.warn(
+                f"the GGN of {self.name} is zero: the loss is linear in the model's output "
+                "(log-probabilities), so ∂²ℓ/∂f² = 0 and every Jᵀ M J vanishes. For a "
+                "classifier's GGN take the output before its log_softmax and use "
+                "CrossEntropyLoss (which applies it), or use ck.fisher.",
+                CurvkitWarning,
+                stacklevel=2,
+            )
+
+
+def _root(k: torch.Tensor, name: str) -> torch.Tensor:
+    """√κ of the loss weights κ, which the Monte-Carlo Fisher needs to be >= 0."""
+    if bool((k < 0).any()):
+        raise CurvkitValueError(
+            f"the Monte-Carlo Fisher of {name} needs weights >= 0 (it is a weighted sum of "
+            f"outer products); got a weight of {float(k.min()):.3g}. Use ck.ggn."
+        )
+    return k.sqrt()
 
 
 def _categorical(p: torch.Tensor, gen) -> torch.Tensor:
@@ -180,6 +219,43 @@ def _check_no_broadcast(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None
         )
 
 
+def _check_weight(name: str, what: str, w, out: torch.Tensor, shape=None) -> None:
+    """A loss's weight tensor: of ``shape`` (class weights), or else broadcasting against one
+    batch's output without changing its shape; in the output's dtype and on its device, as
+    torch's loss requires (some of its paths take a mismatch silently)."""
+    if w is None:
+        return
+    if shape is not None:
+        fits = tuple(w.shape) == tuple(shape)
+    else:
+        try:
+            fits = torch.broadcast_shapes(w.shape, out.shape) == out.shape
+        except RuntimeError:
+            fits = False
+    if not fits:
+        want = (
+            f"shape {tuple(shape)}"
+            if shape is not None
+            else f"a shape that broadcasts to {tuple(out.shape)}"
+        )
+        raise CurvkitValueError(
+            f"{name}'s {what} has shape {tuple(w.shape)}, but this batch's output "
+            f"{tuple(out.shape)} needs {want}."
+            + (
+                ""
+                if shape is not None
+                else " A weight per sample of the whole data set does not follow a loader's "
+                "batches: weight a callable loss by a weight carried in the targets instead."
+            )
+        )
+    if w.dtype != out.dtype or w.device != out.device:
+        raise CurvkitValueError(
+            f"{name}'s {what} is {w.dtype} on {w.device}, the model output {out.dtype} on "
+            f"{out.device}; torch's loss needs them to match. Build the loss with "
+            f"{what}={what}.to(output dtype and device)."
+        )
+
+
 def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
     if out.shape != tgt.shape:
         raise CurvkitValueError(
@@ -221,6 +297,7 @@ class CrossEntropy(Loss):
             raise CurvkitValueError(
                 f"CrossEntropyLoss needs outputs of shape (N, C, ...), got {tuple(out.shape)}."
             )
+        _check_weight(self.name, "weight", self.weight, out, (out.shape[1],))
         if not self._index_targets(tgt):
             _check_same_shape(self.name + " with class-probability targets", out, tgt)
             return
@@ -292,6 +369,21 @@ class CrossEntropy(Loss):
         onehot = F.one_hot(tgt.clamp(0, out.shape[1] - 1), out.shape[1]).to(out.dtype)
         return (p - onehot) * k[:, None]
 
+    def _fisher_grads(self, out, tgt, y):
+        c = out.shape[1]
+        if self.weight is None and not 0 <= self.ignore_index < c:
+            return super()._fisher_grads(out, tgt, y)  # κ = 1, or 0 where the target is ignored
+        # ignore_index is a class a draw can hit (then not ignored: the draw is the model's),
+        # or class weights: weight each position by its own target, drawn ones unweighted
+        valid = tgt != self.ignore_index
+        k = valid.to(out.dtype)
+        if self.weight is not None:
+            k = k * self.weight[tgt.masked_fill(~valid, 0)]
+        plain = copy.copy(self)
+        plain.weight, plain.ignore_index = None, -100
+        g = plain.per_sample_grads(out, y.masked_fill(~valid, 0))
+        return (g.reshape(out.shape) * _root(k, self.name).unsqueeze(1)).reshape(out.shape[0], -1)
+
     def sample_targets(self, out, tgt, gen):
         if not self._index_targets(tgt):
             raise CurvkitValueError(
@@ -308,6 +400,7 @@ class NLL(CrossEntropy):
     the output is a draw from p itself, since softmax(log p) = p."""
 
     name = "NLLLoss"
+    linear_in_output = True
 
     def __init__(self, module: nn.NLLLoss):
         Loss.__init__(self, module.reduction)
@@ -382,6 +475,8 @@ class BCEWithLogits(Loss):
 
     def check(self, out, tgt):
         _check_same_shape(self.name, out, tgt)
+        _check_weight(self.name, "weight", self.weight, out)
+        _check_weight(self.name, "pos_weight", self.pos_weight, out)
 
     def _closed_form_hessian(self, out, tgt):
         if self.pos_weight is not None:
@@ -394,6 +489,11 @@ class BCEWithLogits(Loss):
 
     def sample_targets(self, out, tgt, gen):
         return torch.bernoulli(out.sigmoid(), generator=gen)
+
+    def _fisher_grads(self, out, tgt, y):
+        if self.weight is None:
+            return super()._fisher_grads(out, tgt, y)
+        return self._weighted_fisher_grads(out, y, self.weight.expand_as(out))
 
 
 class BCE(Loss):
@@ -411,6 +511,7 @@ class BCE(Loss):
 
     def check(self, out, tgt):
         _check_same_shape(self.name, out, tgt)
+        _check_weight(self.name, "weight", self.weight, out)
 
     def _closed_form_hessian(self, out, tgt):
         d = tgt / out.square() + (1 - tgt) / (1 - out).square()
@@ -420,6 +521,11 @@ class BCE(Loss):
 
     def sample_targets(self, out, tgt, gen):
         return torch.bernoulli(out, generator=gen)
+
+    def _fisher_grads(self, out, tgt, y):
+        if self.weight is None:
+            return super()._fisher_grads(out, tgt, y)
+        return self._weighted_fisher_grads(out, y, self.weight.expand_as(out))
 
 
 # torch losses whose ℓₙ already averages over the classes of sample n: the mean is over samples
@@ -445,7 +551,9 @@ class TorchLoss(Loss):
         red = module.reduction
         super().__init__("mean" if red in ("mean", "batchmean") else red)
         self.name = type(module).__name__
+        self.linear_in_output = isinstance(module, nn.KLDivLoss)  # inputs are log-probabilities
         self._batchmean = red == "batchmean"
+        self._spread: dict = {}  # target shape -> output elements per target element
         self._module = module
         self._summed = copy.copy(module)
         self._summed.reduction = "sum"
@@ -462,11 +570,19 @@ class TorchLoss(Loss):
             return _class_total(tgt, m.weight, m.ignore_index)
         if isinstance(m, _PER_SAMPLE + _CLASS_INDEX):  # class probabilities: one ℓ per row
             return _rows(tgt)
-        return float(tgt.numel())
+        # torch's mean is over the elements of the broadcast loss: (N, 3) outputs against
+        # (N, 1) targets average over 3N (``check`` records the spread per target shape)
+        return float(tgt.numel() * self._spread.get(tuple(tgt.shape), 1))
 
     def check(self, out, tgt):
         if not (isinstance(self._summed, _CLASS_INDEX) and not tgt.is_floating_point()):
             _check_no_broadcast(self.name, out, tgt)  # class indices have their own shapes
+            if tgt.dim() == out.dim() and tgt.shape != out.shape and tgt.numel():
+                try:
+                    n = math.prod(torch.broadcast_shapes(out.shape, tgt.shape))
+                    self._spread[tuple(tgt.shape)] = n // tgt.numel()
+                except RuntimeError:
+                    pass  # not broadcastable: the loss raises its own error
         if self._checked:
             return
         with torch.no_grad():
@@ -508,8 +624,13 @@ class CallableLoss(Loss):
         return value * out.shape[0] if self.reduction == "mean" else value
 
     def check(self, out, tgt):
-        if self._checked:
-            return
+        if not self._checked:
+            self._check_reduction(out, tgt)
+        if self._checked and not self.one_batch:
+            self._check_few(out, tgt)
+
+    def _check_reduction(self, out, tgt) -> None:
+        """Sum or mean: the callable on a telling pair of samples against their own values."""
         with torch.no_grad():
             self.sum_loss(out, tgt)  # raises unless the callable returns a scalar
             # a loader of one-sample batches: the check pairs samples of two batches of the
@@ -518,7 +639,7 @@ class CallableLoss(Loss):
             spare = self._spares.get(key) if out.shape[0] == 1 else None
             if spare is not None:
                 out, tgt = torch.cat([spare[0], out]), torch.cat([spare[1], tgt])
-            pair = _telling_pair(self.fn, out, tgt)
+            pair = _telling_pair(self._singles(out, tgt))
             if pair is None:
                 if out.shape[0] == 1:
                     self._spares[key] = (out.detach(), tgt)
@@ -526,8 +647,7 @@ class CallableLoss(Loss):
             (a, b), idx = pair
             two = float(self.fn(out[idx], tgt[idx]))
         self._checked = True
-        rel = max(1e-4, 10 * torch.finfo(out.dtype).eps) if out.is_floating_point() else 1e-4
-        tol = rel * (abs(a) + abs(b)) + 1e-12  # float16 rounds at 1e-3
+        tol = _rel(out) * (abs(a) + abs(b)) + 1e-12  # float16 rounds at 1e-3
         is_sum, is_mean = abs(two - (a + b)) <= tol, abs(two - (a + b) / 2) <= tol
         if self.reduction == "sum" and is_mean and not is_sum:
             raise CurvkitValueError(
@@ -547,12 +667,47 @@ class CallableLoss(Loss):
                 "L = Σₙ ℓ(fₙ, yₙ) (or its mean)."
             )
 
+    def _singles(self, out, tgt) -> list[float]:
+        return [float(self.fn(out[i : i + 1], tgt[i : i + 1])) for i in range(min(8, len(out)))]
 
-def _telling_pair(fn: Callable, out: torch.Tensor, tgt: torch.Tensor):
-    """((ℓᵢ, ℓⱼ), [i, j]): two of the first 8 samples whose losses do not cancel, so that their
-    pair's value tells a sum (ℓᵢ + ℓⱼ) from a mean (half that); None if there is none (one
-    sample, or zero losses, as for a satisfied hinge)."""
-    values = [float(fn(out[i : i + 1], tgt[i : i + 1])) for i in range(min(8, out.shape[0]))]
+    def _check_few(self, out, tgt) -> None:
+        """Two samples can agree with a mean that is not over samples (a mean over the targets
+        not ignored, or weighted by class, when both are valid or of one class), and a batch
+        whose first targets are all valid passes any check: so on every batch, its first few
+        samples together must give the sum (or mean) of their own values. (On one batch any
+        mean is exact: curvkit takes the callable's value times N, divided by N.)"""
+        if out.shape[0] < 2:
+            return
+        with torch.no_grad():
+            values = self._singles(out, tgt)
+            few = float(self.fn(out[: len(values)], tgt[: len(values)]))
+        total = math.fsum(values)
+        mean = self.reduction == "mean"
+        want = total / len(values) if mean else total
+        tol = _rel(out) * math.fsum(abs(v) for v in values) + 1e-12
+        if not abs(few - want) <= tol:
+            what = "mean" if mean else "sum"
+            raise CurvkitValueError(
+                f"the loss callable is not a {what} over samples: on {len(values)} samples of a "
+                f"batch it gives {few:.6g}, but the {what} of their separate values is "
+                f"{want:.6g}"
+                + (" (some are NaN: a mean over nothing)" if math.isnan(total) else "")
+                + ". A mean over the targets not ignored, or weighted by class, depends on how "
+                "the data is split into batches; return the sum (e.g. F.cross_entropy(..., "
+                "reduction='sum')) and divide the curvature by the total yourself, or pass "
+                "the data as one batch."
+            )
+
+
+def _rel(out: torch.Tensor) -> float:
+    """Relative tolerance of comparing a loss's values: rounding of the output's dtype."""
+    return max(1e-4, 10 * torch.finfo(out.dtype).eps) if out.is_floating_point() else 1e-4
+
+
+def _telling_pair(values: list[float]):
+    """((ℓᵢ, ℓⱼ), [i, j]): two samples (of the first 8, whose losses are ``values``) whose
+    losses do not cancel, so that their pair's value tells a sum (ℓᵢ + ℓⱼ) from a mean (half
+    that); None if there is none (one sample, or zero losses, as for a satisfied hinge)."""
     first, *rest = sorted(range(len(values)), key=lambda i: -abs(values[i]))
     for j in rest:
         a, b = values[first], values[j]

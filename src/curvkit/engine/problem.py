@@ -61,6 +61,7 @@ class Problem:
         memory_limit: int | None = None,
     ):
         self.layout, self.loss, self.source, self.kind = layout, loss, source, kind
+        loss.one_batch = source.single  # a callable's mean then needs no per-sample form
         self.forward = Forward(model, layout, loss, output_fn)
         self.progress = (not source.single) if progress is None else progress
         self.mc_samples, self.generator = mc_samples, generator
@@ -203,7 +204,6 @@ class Problem:
         with torch.no_grad():
             for i, batch in self._batches(desc):
                 batch.index = i
-                total_norm += self.loss.normalizer(batch.targets)
                 if lazy:
                     side = partial(self.output_side, i, batch, factor=factor)
                 else:
@@ -215,6 +215,9 @@ class Problem:
                     if nice is not None:
                         raise nice from e
                     raise
+                # after the batch: the loss has seen its output (a mean's denominator may
+                # depend on how targets broadcast against it)
+                total_norm += self.loss.normalizer(batch.targets)
         return self._scale(total_norm)
 
     # -- reductions ------------------------------------------------------------------------------
