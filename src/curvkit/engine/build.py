@@ -150,7 +150,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         index.append(_group_index(layout, names, problem.device))
         kind = "exact dense block" if st.dim() == 2 else "exact diagonal"
         labels.append(_group_label(problem, gname, kind))
-    return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
+    return BlockDiagonalOperator(blocks, index, problem.P, labels=labels, check=False)
 
 
 def _reduce_pairs(fw, batch, layers, side, trace, stats: dict):
@@ -220,6 +220,7 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
             [torch.arange(problem.P, device=device)],
             problem.P,
             labels=["Hessian (exact diagonal)"],
+            check=False,
         )
     groups = _fallback_groups(problem, set())
     blocks, index, labels = [], [], []
@@ -234,7 +235,7 @@ def _hessian_structure(problem: Problem, structure: str) -> BlockDiagonalOperato
         blocks.append(DenseBlock(M))
         index.append(idx)
         labels.append(_group_label(problem, gname, "exact dense block"))
-    return BlockDiagonalOperator(blocks, index, problem.P, labels=labels)
+    return BlockDiagonalOperator(blocks, index, problem.P, labels=labels, check=False)
 
 
 def _check_memory(problem: Problem, structure: str) -> None:
