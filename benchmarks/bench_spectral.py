@@ -497,7 +497,8 @@ def main() -> int:
     )
     print(
         f"W-spectral: MLP 64-256-256-10 Tanh, P={w.P}, N={w.X.shape[0]} in one batch, "
-        f"CrossEntropyLoss() (mean), float32; {repeats} interleaved timed round(s) after 1 warm-up, median. "
+        f"CrossEntropyLoss() (mean), float32; {repeats} interleaved timed round(s) after 1 "
+        "warm-up, median. "
         f"Load average at start {load_start}.",
         flush=True,
     )
