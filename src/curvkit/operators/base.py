@@ -56,22 +56,29 @@ def check_positive_definite(eigenvalues: torch.Tensor, what: str, exact: bool = 
     )
 
 
+def _finite_real(x) -> float | None:
+    """x as a float when it is one finite real number (or a 0-d real tensor), else None."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _described(x) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+
+
 def check_damping(delta) -> float:
     """δ of ``add_identity(δ)`` as a float: a finite real number (or a 0-d real tensor)."""
-    if isinstance(delta, torch.Tensor) and delta.dim() == 0 and not delta.is_complex():
-        delta = delta.item()
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
-        got = (
-            f"a tensor of shape {tuple(delta.shape)}"
-            if isinstance(delta, torch.Tensor)
-            else repr(delta)
-        )
+    value = _finite_real(delta)
+    if value is None:
         raise CurvkitValueError(
             f"add_identity(delta) takes one finite real number (the same damping or isotropic "
-            f"prior precision on every coordinate), got {got}. Per-coordinate values do not keep "
-            "the structure; add a scalar, e.g. op.add_identity(1e-3)."
+            f"prior precision on every coordinate), got {_described(delta)}. Per-coordinate "
+            "values do not keep the structure; add a scalar, e.g. op.add_identity(1e-3)."
         )
-    return float(delta)
+    return value
 
 
 def check_scale(alpha, what: str = "op * alpha") -> float:
@@ -81,19 +88,14 @@ def check_scale(alpha, what: str = "op * alpha") -> float:
             f"{what}: the product of two operators is not one curvkit keeps (it is not "
             "symmetric in general); apply them in turn, A @ (B @ v)."
         )
-    if isinstance(alpha, torch.Tensor) and alpha.dim() == 0 and not alpha.is_complex():
-        alpha = alpha.item()
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        got = (
-            f"a tensor of shape {tuple(alpha.shape)}"
-            if isinstance(alpha, torch.Tensor)
-            else repr(alpha)
-        )
+    value = _finite_real(alpha)
+    if value is None:
         raise CurvkitValueError(
-            f"{what} scales an operator by one finite real number, got {got}. A per-coordinate "
-            "scaling D A D does not keep the structure; apply it to vectors instead."
+            f"{what} scales an operator by one finite real number, got {_described(alpha)}. A "
+            "per-coordinate scaling D A D does not keep the structure; apply it to vectors "
+            "instead."
         )
-    return float(alpha)
+    return value
 
 
 class LinearOperator:
