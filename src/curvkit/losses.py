@@ -140,19 +140,19 @@ class Loss:
         return cols.permute(1, 2, 0) / mc_samples**0.5
 
     def _fisher_grads(self, out, tgt, y) -> torch.Tensor:
-        """(N, C): the gradient of ℓₙ at the drawn target yₙ (closed form where known)."""
-        return self.per_sample_grads(out, y)
+        """(N, C): the gradient of ℓₙ at the drawn target yₙ (closed form where known).
 
-    def _weighted_fisher_grads(self, out, y, scale) -> torch.Tensor:
-        """√κ times the gradient of the loss without its weights at the draw y, ``scale`` = √κ
-        broadcasting against ``out`` (κ: the weight of each sample's own target, as in the
-        GGN): the draws then average to κ times the unweighted Fisher, which is the GGN for
-        these losses. The loss's own gradient at the draw would carry the weight of the drawn
-        target instead (w of ỹ, squared)."""
+        With elementwise weights w (BCE's ``weight``): √w times the gradient of the loss without
+        them, so that the draws average to w times the unweighted Fisher, which is the GGN. The
+        loss's own gradient at the draw would carry w², not w. (Cross-entropy's class weights
+        are those of each sample's own target: ``CrossEntropy._fisher_grads``.)"""
+        w = getattr(self, "weight", None)
+        if w is None:
+            return self.per_sample_grads(out, y)
         plain = copy.copy(self)
         plain.weight = None
-        g = plain.per_sample_grads(out, y)
-        return (g.reshape(out.shape) * _root(scale, self.name)).reshape(out.shape[0], -1)
+        g = plain.per_sample_grads(out, y).reshape(out.shape)
+        return (g * _root(w.expand_as(out), self.name)).reshape(out.shape[0], -1)
 
     def _warn_if_zero_ggn(self, M: torch.Tensor) -> None:
         if self.linear_in_output and M.numel() and not bool(M.any()):
@@ -490,11 +490,6 @@ class BCEWithLogits(Loss):
     def sample_targets(self, out, tgt, gen):
         return torch.bernoulli(out.sigmoid(), generator=gen)
 
-    def _fisher_grads(self, out, tgt, y):
-        if self.weight is None:
-            return super()._fisher_grads(out, tgt, y)
-        return self._weighted_fisher_grads(out, y, self.weight.expand_as(out))
-
 
 class BCE(Loss):
     name = "BCELoss"
@@ -521,11 +516,6 @@ class BCE(Loss):
 
     def sample_targets(self, out, tgt, gen):
         return torch.bernoulli(out, generator=gen)
-
-    def _fisher_grads(self, out, tgt, y):
-        if self.weight is None:
-            return super()._fisher_grads(out, tgt, y)
-        return self._weighted_fisher_grads(out, y, self.weight.expand_as(out))
 
 
 # torch losses whose ℓₙ already averages over the classes of sample n: the mean is over samples
