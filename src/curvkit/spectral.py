@@ -8,12 +8,14 @@ with a (P, b) block costs far less than b products with vectors.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from .errors import (
     CurvkitTypeError,
     CurvkitValueError,
+    CurvkitWarning,
     check_count,
     check_generator,
     check_positive,
@@ -434,24 +436,21 @@ def top_eigenvalues(
     Q, H, beta, fresh = _lanczos(
         op, v0, max_iter, on_step=step, restart=True, generator=generator, rows=2 * k + 40
     )
-    if state.get("checked"):  # converged, and the probe found nothing (or was not needed)
-        vals, S, m = state["kept"] if "kept" in state else (None, None, None)
-        if vals is None:
-            theta, S, _, _ = _ritz(H, beta, fresh)
-            vals = theta[:k]
-        else:
-            Q = Q[:m]
-    else:  # max_iter ended the run: the whole basis' values (never lower than the kept ones)
+    if state.get("checked") and "kept" in state:  # converged; the probe found nothing
+        vals, S, m = state["kept"]
+        Q = Q[:m]
+    else:  # the last step's values: converged with no probe needed, or stopped at max_iter
         theta, S, r, _ = _ritz(H, beta, fresh)
         vals, err = theta[:k], r[:k]
         allowed = _allowed(theta, tol)[:k]
-        if Q.shape[0] < n and "kept" in state:
+        cut = not state.get("checked") and Q.shape[0] < n
+        if cut and "kept" in state:  # the whole basis' values: never lower than the kept ones
             _warn(
                 f"top_eigenvalues stopped after {Q.shape[0]} iterations (max_iter) while "
                 "checking for missed copies of repeated eigenvalues: the values converged, but "
                 "a copy may be missing from them. Raise max_iter."
             )
-        elif Q.shape[0] < n and not bool((err <= allowed).all()):
+        elif cut and not bool((err <= allowed).all()):
             worst = int((err / allowed).argmax())
             _warn(
                 f"top_eigenvalues stopped after {Q.shape[0]} iterations (max_iter) before its "
@@ -466,11 +465,7 @@ def top_eigenvalues(
 
 
 def _warn(message: str) -> None:
-    import warnings
-
-    from .errors import CurvkitWarning
-
-    warnings.warn(message, CurvkitWarning, stacklevel=3)
+    warnings.warn(message, CurvkitWarning, stacklevel=3)  # at top_eigenvalues' caller
 
 
 def estimate_trace(
@@ -508,16 +503,12 @@ def estimate_trace(
             least=3,
         )
 
-    def rademacher(m):  # ±1 drawn in the operator's dtype: no int64 copy of the block
-        z = torch.randint(0, 2, (n, m), generator=generator, dtype=op.dtype)
-        return z.mul_(2).sub_(1).to(op.device)
-
     size = torch.empty((), dtype=op.dtype).element_size()
     if method == "hutchinson":  # probes in blocks that fit the work budget (~3 copies each)
         per = max(1, work_budget(op.device, None) // max(3 * n * size, 1))
         total = torch.zeros((), dtype=op.dtype, device=op.device)
         for start in range(0, num_matvecs, per):
-            Z = rademacher(min(per, num_matvecs - start))
+            Z = _rademacher(op, min(per, num_matvecs - start), generator)
             total += (Z * (op @ Z)).sum()
         return total / num_matvecs
     m = num_matvecs // 3
@@ -529,10 +520,16 @@ def estimate_trace(
         "Lower num_matvecs, or use method='hutchinson', which works in blocks.",
         can_raise=False,
     )
-    Q, _ = torch.linalg.qr(op @ rademacher(m))
-    G = rademacher(m)
+    Q, _ = torch.linalg.qr(op @ _rademacher(op, m, generator))
+    G = _rademacher(op, m, generator)
     G = G - Q @ (Q.T @ G)
     return (Q * (op @ Q)).sum() + (G * (op @ G)).sum() / m
+
+
+def _rademacher(op: LinearOperator, m: int, generator) -> torch.Tensor:
+    """(n, m) random signs, drawn in the operator's dtype (no int64 copy of the block)."""
+    z = torch.randint(0, 2, (op.shape[0], m), generator=generator, dtype=op.dtype)
+    return z.mul_(2).sub_(1).to(op.device)
 
 
 def estimate_diagonal(
@@ -560,8 +557,7 @@ def estimate_diagonal(
     done = 0
     while done < num_matvecs:
         m = min(block, num_matvecs - done)
-        Z = torch.randint(0, 2, (n, m), generator=generator, dtype=op.dtype)
-        Z = Z.mul_(2).sub_(1).to(op.device)
+        Z = _rademacher(op, m, generator)
         acc += (Z * (op @ Z)).sum(1)
         done += m
     return acc / num_matvecs
