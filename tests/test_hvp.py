@@ -496,3 +496,95 @@ def test_a_frozen_parameter_changed_in_place_also_stales_the_operator():
         first.add_(1)
     with pytest.raises(ck.CurvkitValueError, match="changed after"):
         H @ torch.randn(H.shape[0], dtype=DT)
+
+
+def _autograd_hessian(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
+    """Row by row with torch.autograd: it honours no_grad sections, instance forwards and
+    in-place edits exactly as the model runs."""
+    ps = list(model.parameters())
+    g = torch.autograd.grad(loss_fn(model(x), y), ps, create_graph=True, allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(p) if d is None else d).reshape(-1) for p, d in zip(ps, g)])
+    rows = []
+    for i in range(flat.numel()):
+        if not flat[i].requires_grad:
+            rows.append(torch.zeros_like(flat))
+            continue
+        r = torch.autograd.grad(flat[i], ps, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [(torch.zeros_like(p) if d is None else d).reshape(-1) for p, d in zip(ps, r)]
+            )
+        )
+    return torch.stack(rows)
+
+
+class _NoGradTrunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.h = nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2))
+
+    def forward(self, x):
+        with torch.no_grad():
+            z = self.f(x)
+        return self.h(z)
+
+
+def _masked_head():
+    torch.manual_seed(13)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT).eval()
+    lin, mask = m[2], (torch.rand(2, 5) > 0.5).to(DT)
+    lin.forward = lambda x: nn.functional.linear(
+        x, lin.weight * mask, lin.bias
+    )  # an instance's own
+    return m
+
+
+@pytest.mark.parametrize("which", ["no_grad_trunk", "instance_forward"])
+def test_rules_stay_off_what_they_cannot_see(which):
+    """A no_grad section inside forward(), or a Linear whose forward was replaced on the instance
+    (a mask, an adapter): the hand-written chain rules see modules only. The operator's products
+    were 0.05 (no_grad) and 0.77 (instance forward) off autograd, the dense Hessian 0.73 and the
+    diagonal 0.17 off for the masked Linear, and the GGN's structured diagonal nonzero on a
+    trunk whose dense GGN is 0."""
+    torch.manual_seed(12)
+    model = _NoGradTrunk().to(DT).eval() if which == "no_grad_trunk" else _masked_head()
+    x, y = torch.randn(5, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    want = _autograd_hessian(model, nn.MSELoss(), x, y)
+    op = ck.hessian(model, nn.MSELoss(), (x, y), structure="operator")
+    assert_close(op @ torch.eye(want.shape[0], dtype=DT), want, what="operator products")
+    assert_close(ck.hessian(model, nn.MSELoss(), (x, y)), want, what="dense")
+    diag = ck.hessian(model, nn.MSELoss(), (x, y), structure="diag").diagonal()
+    assert_close(diag, want.diagonal(), what="diag")
+    G = ck.ggn(model, nn.MSELoss(), (x, y))
+    for structure in ("diag", "kron"):
+        D = ck.ggn(model, nn.MSELoss(), (x, y), structure=structure).diagonal()
+        if structure == "diag":
+            assert_close(D, G.diagonal(), what="ggn diag")
+        else:  # where the GGN is zero (the no_grad trunk), so is its KFAC
+            assert bool((D[G.diagonal() == 0] == 0).all())
+
+
+def test_an_output_fn_that_edits_in_place_keeps_the_rules_off():
+    """output_fn=lambda o: o.mul_(2): the rules took the output's derivatives at the edited
+    output but propagated as if unscaled (3.0 off)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT).eval()
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    want = ck.hessian(model, nn.MSELoss(), (x, y), output_fn=lambda o: o * 2)
+    op = ck.hessian(
+        model, nn.MSELoss(), (x, y), structure="operator", output_fn=lambda o: o.mul_(2)
+    )
+    assert_close(op @ torch.eye(want.shape[0], dtype=DT), want, what="in-place output_fn")
+
+
+def test_hessian_through_the_legacy_weight_norm_is_refused():
+    """torch.nn.utils.weight_norm (the pre-hook version) goes through the same fused kernel as
+    parametrizations.weight_norm, whose double backward is wrong (1.11 off)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    torch.nn.utils.weight_norm(model[0])
+    data = (torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT))
+    with pytest.raises(ck.CurvkitValueError, match="weight_norm.*ck.ggn"):
+        ck.hessian(model, nn.MSELoss(), data)
+    ck.ggn(model, nn.MSELoss(), data)  # first derivatives only: right
+    ck.hessian(model, nn.MSELoss(), data, params=[model[2].weight])  # not through it

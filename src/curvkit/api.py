@@ -35,11 +35,17 @@ def _check_weight_norm(model: nn.Module, layout) -> None:
     formula). The GGN and EF need first derivatives of the model only and are right."""
     for name, mod in model.named_modules():
         plist = getattr(getattr(mod, "parametrizations", None), "weight", None)
-        if plist is None or not any(type(f).__name__ == "_WeightNorm" for f in plist):
-            continue
-        if any(layout.index_of(p) is not None for p in plist.parameters()):
+        if plist is not None and any(type(f).__name__ == "_WeightNorm" for f in plist):
+            params, which = list(plist.parameters()), "parametrizations.weight_norm"
+        else:  # the legacy hook (torch.nn.utils.weight_norm): the same fused kernel
+            hooks = [h for h in mod._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"]
+            if not hooks:
+                continue
+            names = [f"{h.name}{end}" for h in hooks for end in ("_g", "_v")]
+            params, which = [getattr(mod, n) for n in names], "weight_norm"
+        if any(layout.index_of(p) is not None for p in params):
             raise CurvkitValueError(
-                f"{name or 'the model'} uses torch.nn.utils.parametrizations.weight_norm, whose "
+                f"{name or 'the model'} uses torch.nn.utils.{which}, whose "
                 "second derivative torch computes wrongly (its fused kernel's double backward), "
                 "so its Hessian would be off. Use ck.ggn / ck.ef (first derivatives only, "
                 "exact), or write the norm out in forward(): w = g * v / v.norm(dim=1, "

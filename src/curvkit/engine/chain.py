@@ -159,6 +159,12 @@ for _nd, _pool_type in enumerate((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), sta
     RULES[_pool_type] = (_maxpool, _IN, lambda c, nd=_nd: c.input.dim() == nd + 2)
 
 
+def class_forward(module: nn.Module) -> bool:
+    """Whether the module computes its class's ``forward``: rules know only that one, and an
+    instance may carry its own (``lin.forward = lambda x: F.linear(x, lin.weight * mask)``)."""
+    return "forward" not in vars(module)
+
+
 def output_hooked(module: nn.Module) -> bool:
     """Whether a forward hook (the module's own or a global one) may change the module's output:
     rules know only the module's ``forward``, so such modules take the generic path (curvkit's
@@ -179,13 +185,15 @@ def chain_of(trace: Trace, first: nn.Module) -> list[Call] | None:
     calls = trace.calls[start[0] :]
     if calls[-1].output is not trace.out or not calls[0].unchanged(_IN):
         return None
-    if output_hooked(calls[0].module):
+    if not calls[-1].unchanged(_OUT):  # edited after the model returned it (output_fn's mul_)
+        return None
+    if output_hooked(calls[0].module) or not class_forward(calls[0].module):
         return None
     for prev, c in zip(calls, calls[1:]):
         rule = RULES.get(type(c.module))
         if rule is None or not c.single or c.input is not prev.output or c.output is None:
             return None
-        if output_hooked(c.module):
+        if output_hooked(c.module) or not class_forward(c.module):
             return None
         if c.input_version != prev.versions[1]:
             return None  # changed in place between the two calls (``F.relu(h, inplace=True)``)

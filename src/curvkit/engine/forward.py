@@ -34,7 +34,7 @@ from ..data import Batch, _map_tensors, _tensors, call_model, pick_output
 from ..errors import CurvkitValueError
 from ..losses import Loss
 from ..params import ParamLayout
-from .chain import Call, Trace, chain_of, output_hooked
+from .chain import Call, Trace, chain_of, class_forward, output_hooked
 
 
 @dataclass
@@ -172,6 +172,8 @@ def _owners(model: nn.Module) -> dict[int, int]:
 
 def _candidate(mod: nn.Module) -> tuple[int, int] | None:
     """(d, in_size) for a module type with a rule, else None."""
+    if not class_forward(mod):
+        return None
     if type(mod) is nn.Linear:
         return mod.out_features, mod.in_features
     if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and mod.padding_mode == "zeros":
@@ -204,8 +206,9 @@ class _Watch(TorchFunctionMode):
         self.running: list[set[int]] = []  # ids of each running leaf's own parameters
         # Forward-mode AD (jvp) disagrees with reverse mode where torch's own gradient is a
         # convention: ``no_grad`` sections (jvp still differentiates them) and an embedding's
-        # frozen ``padding_idx`` row (jvp moves it). Such models use reverse mode only.
-        self.reverse_only = False
+        # frozen ``padding_idx`` row (jvp moves it). Such models use reverse mode only; a
+        # ``no_grad`` section also keeps the hand-written chain rules off (they cannot see it).
+        self.reasons: set[str] = set()
 
     def enter(self, module: nn.Module) -> None:
         self.running.append({id(p) for p in module._parameters.values() if p is not None})
@@ -216,8 +219,10 @@ class _Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         padded = func is F.embedding and _padding_idx(args, kwargs) is not None
-        if padded or not torch.is_grad_enabled():
-            self.reverse_only = True
+        if padded:
+            self.reasons.add("padding_idx")
+        if not torch.is_grad_enabled():
+            self.reasons.add("no_grad")
         if _uses_values(func):
             own = self.running[-1] if self.running else ()
             for a in tree_flatten((args, kwargs))[0]:
@@ -407,7 +412,7 @@ class Forward:
         else:
             real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
             found = frozenset(real[i] for i in watch.found)
-            reverse_only, batched = watch.reverse_only, self._batched(batch, out)
+            reverse_only, batched = frozenset(watch.reasons), self._batched(batch, out)
             self._families[self._family(batch)] = (found, reverse_only, batched)
         probe = (dict(shapes), numel, found, reverse_only, batched)
         batch.probe = self._probe_cache[key] = probe
@@ -480,7 +485,12 @@ class Forward:
 
     def reverse_only(self, batch: Batch) -> bool:
         """Whether jvp would disagree with autograd on this model (see ``_Watch``)."""
-        return self._probe(batch)[3]
+        return bool(self._probe(batch)[3])
+
+    def grad_off(self, batch: Batch) -> bool:
+        """Whether forward() switches grad mode off somewhere: autograd sees no derivative
+        through that section, and the chain rules, which see modules only, would."""
+        return "no_grad" in self._probe(batch)[3]
 
     def escaped(self, batch: Batch) -> frozenset[int]:
         """ids of chosen parameters that this batch's forward pass uses outside their own
@@ -499,7 +509,7 @@ class Forward:
         batches of the same shapes)."""
         order = {id(c.module): i for i, c in enumerate(trace.calls)}
         calls = None
-        if layers and all(id(l.module) in order for l in layers):
+        if layers and all(id(l.module) in order for l in layers) and not self.grad_off(batch):
             first = min(layers, key=lambda l: order[id(l.module)])
             calls = chain_of(trace, first.module)
         self._chains[self._key(batch)] = calls is not None

@@ -66,8 +66,8 @@ def chain_hessian_product(fw: Forward, batch: Batch) -> Kept | None:
     out = None if trace is None else trace.out
     if out is None or out.dim() != 2 or out.dtype != fw.layout.tensors[0].dtype:
         return None
-    if fw.escaped(batch):
-        return None  # a chosen parameter is also used outside its module's call
+    if fw.escaped(batch) or fw.grad_off(batch):
+        return None  # a chosen parameter used outside its module's call; a no_grad section
     if out.shape[0] * out.shape[1] ** 2 > 4 * fw.activation_numel(batch):
         return None  # the output Hessians Mₙ would outweigh the kept graph: keep that
     layout = fw.layout
