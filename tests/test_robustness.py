@@ -122,24 +122,28 @@ def test_monte_carlo_fisher_of_nll_draws_from_the_log_probabilities():
 
 def test_monte_carlo_fisher_with_label_smoothing():
     """Label smoothing has no closed-form gradient here, and torch's loss does not run under
-    vmap: ck.fisher raised vmap's raw error for every structure. It now approaches the exact
-    Fisher, s Σₙ Σ_c pₙc ∇ℓₙ(c) ∇ℓₙ(c)ᵀ, enumerated class by class."""
+    vmap: ck.fisher raised vmap's raw error for every structure. It now approaches the model's
+    Fisher, s Σₙ κ Σ_c pₙc ∇ℓₙ(c) ∇ℓₙ(c)ᵀ with the unsmoothed ℓ and κ = (1 − ε) + ε = 1,
+    enumerated class by class: the GGN, whose curvature label smoothing leaves unchanged (the
+    smoothed loss's own gradients at the draws averaged to 0.55 less)."""
     torch.manual_seed(2)
     model = nn.Linear(3, 4).to(DT)
     x, y = torch.randn(6, 3, dtype=DT), torch.tensor([0, 1, 2, 3, 1, 2])
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
+    plain = nn.CrossEntropyLoss()
     params = list(model.parameters())
     exact = torch.zeros(16, 16, dtype=DT)
     for n in range(6):
         p = model(x[n : n + 1]).softmax(1)[0].detach()
         for c in range(4):
-            g = torch.autograd.grad(loss_fn(model(x[n : n + 1]), torch.tensor([c])), params)
+            g = torch.autograd.grad(plain(model(x[n : n + 1]), torch.tensor([c])), params)
             g = torch.cat([t.reshape(-1) for t in g])
             exact += p[c] * torch.outer(g, g) / 6
     gen = torch.Generator().manual_seed(0)
     fisher = lambda structure: ck.fisher(  # noqa: E731
         model, loss_fn, (x, y), mc_samples=2000, generator=gen, structure=structure
     )
+    assert rel_error(exact, ck.ggn(model, loss_fn, (x, y))) < 1e-12
     assert rel_error(fisher("dense"), exact) < 0.1
     assert rel_error(fisher("diag").diagonal(), exact.diagonal()) < 0.1
     K = fisher("kron")  # KFAC is not the Fisher here; it must run and be a Fisher-sized PSD
@@ -677,11 +681,17 @@ def _linear_classifier(n: int = 4, c: int = 3):
         ),
         (nn.CrossEntropyLoss(ignore_index=1, reduction="sum"), torch.tensor([0, 1, 2, 1])),
         (
+            nn.CrossEntropyLoss(
+                weight=torch.tensor([0.2, 1.0, 5.0], dtype=DT), label_smoothing=0.2
+            ),
+            torch.tensor([0, 1, 2, 1]),
+        ),
+        (
             nn.BCEWithLogitsLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=DT), reduction="sum"),
             torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]], dtype=DT),
         ),
     ],
-    ids=["ce_weight", "ce_ignore_real_class", "bce_logits_weight"],
+    ids=["ce_weight", "ce_ignore_real_class", "ce_weight_label_smoothing", "bce_logits_weight"],
 )
 def test_mc_fisher_of_weighted_losses_averages_to_the_ggn(loss_fn, y):
     """Each draw weighted by its own target's weight, as in the GGN. The loss's gradient at the
@@ -718,6 +728,12 @@ def test_loss_weights_are_checked_against_the_output():
             with pytest.raises(ck.CurvkitValueError, match=match):
                 fn(model, nn.CrossEntropyLoss(weight=w), (x, y))
     yb = torch.rand(4, 3, dtype=DT)
+    w32 = torch.tensor([2.0, 0.5, 1.0])  # torch type-promotes elementwise weights: accepted
+    for loss in (nn.BCEWithLogitsLoss(pos_weight=w32), nn.BCEWithLogitsLoss(weight=w32)):
+        want = type(loss)(
+            **{k: w32.double() for k in ("weight", "pos_weight") if getattr(loss, k) is not None}
+        )
+        assert_close(ck.ggn(model, loss, (x, yb)), ck.ggn(model, want, (x, yb)), what="f32 weight")
     bce = nn.BCEWithLogitsLoss(weight=torch.rand(4, 3, dtype=DT))  # per sample of all the data
     ck.ggn(model, bce, (x, yb))  # one batch: it fits
     with pytest.raises(ck.CurvkitValueError, match="does not follow a loader's batches"):

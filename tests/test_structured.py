@@ -1298,9 +1298,9 @@ def test_block_diagonal_operator_checks_its_cover():
         )
     with pytest.raises(ck.CurvkitValueError, match="has size 3 but index 0 names 2"):
         ck.BlockDiagonalOperator([DiagBlock(v)], [torch.arange(2)], 2)
-    with pytest.raises(ck.CurvkitValueError, match="1-D int64"):
+    with pytest.raises(ck.CurvkitValueError, match="1-D integer"):
         ck.BlockDiagonalOperator([DiagBlock(v)], [torch.arange(3.0)], 3)
-    op = ck.BlockDiagonalOperator([DiagBlock(v)], [torch.tensor([2, 0, 1])], 3)
+    op = ck.BlockDiagonalOperator([DiagBlock(v)], [torch.tensor([2, 0, 1], dtype=torch.int32)], 3)
     assert_close(op.to_dense(), torch.diag(torch.tensor([2.0, 4.0, 1.0], dtype=DT)), what="perm")
     # the engine skips the check for the covers it builds: they pass it
     from curvkit.operators.structured import _check_cover

@@ -293,8 +293,9 @@ def fisher(
     """The Monte-Carlo Fisher F = s·Σₙ κₙ (1/S) Σₛ gₙₛ gₙₛᵀ, gₙₛ = ∇θ ℓ(f(xₙ), ỹₙₛ), with the
     targets ỹ drawn from the model's predictive (``mc_samples`` = S per sample; pass a
     ``generator`` for reproducible draws), ℓ without the loss's weights and κₙ the weight of
-    sample n's own target (class weight, 0 if ignored). It averages to the GGN for
-    cross-entropy, MSE and BCE with logits (not for NLLLoss on log-probabilities, whose GGN is
+    sample n's own target (class weight, with label smoothing's share; 0 if ignored). It
+    averages to the GGN for cross-entropy, MSE and BCE with logits (not with ``pos_weight``,
+    whose curvature depends on the target; not for NLLLoss on log-probabilities, whose GGN is
     zero, nor for BCELoss on probabilities, where it is the expected Hessian)."""
     return _curvature("fisher", **locals())
 

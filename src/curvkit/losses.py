@@ -220,9 +220,10 @@ def _check_no_broadcast(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None
 
 
 def _check_weight(name: str, what: str, w, out: torch.Tensor, shape=None) -> None:
-    """A loss's weight tensor: of ``shape`` (class weights), or else broadcasting against one
-    batch's output without changing its shape; in the output's dtype and on its device, as
-    torch's loss requires (some of its paths take a mismatch silently)."""
+    """A loss's weight tensor: of ``shape`` (class weights, which torch's loss needs in the
+    output's dtype, though some of its paths take a mismatch silently), or else broadcasting
+    against one batch's output without changing its shape (elementwise weights, which torch
+    type-promotes); on the output's device."""
     if w is None:
         return
     if shape is not None:
@@ -248,7 +249,7 @@ def _check_weight(name: str, what: str, w, out: torch.Tensor, shape=None) -> Non
                 "batches: weight a callable loss by a weight carried in the targets instead."
             )
         )
-    if w.dtype != out.dtype or w.device != out.device:
+    if w.device != out.device or (shape is not None and w.dtype != out.dtype):
         raise CurvkitValueError(
             f"{name}'s {what} is {w.dtype} on {w.device}, the model output {out.dtype} on "
             f"{out.device}; torch's loss needs them to match. Build the loss with "
@@ -370,17 +371,21 @@ class CrossEntropy(Loss):
         return (p - onehot) * k[:, None]
 
     def _fisher_grads(self, out, tgt, y):
-        c = out.shape[1]
-        if self.weight is None and not 0 <= self.ignore_index < c:
+        c, eps = out.shape[1], self.label_smoothing
+        if self.weight is None and not 0 <= self.ignore_index < c and not eps:
             return super()._fisher_grads(out, tgt, y)  # κ = 1, or 0 where the target is ignored
-        # ignore_index is a class a draw can hit (then not ignored: the draw is the model's),
-        # or class weights: weight each position by its own target, drawn ones unweighted
+        # Class weights, label smoothing, or an ignore_index a draw can hit (then not ignored:
+        # the draw is the model's): ∂²ℓ/∂f² = κ (diag p − ppᵀ) with κ = (1 − ε) w_t + ε/C Σ w
+        # for a target t not ignored, so √κ times the plain gradient at the draw.
         valid = tgt != self.ignore_index
-        k = valid.to(out.dtype)
-        if self.weight is not None:
-            k = k * self.weight[tgt.masked_fill(~valid, 0)]
+        w = (
+            torch.ones(c, dtype=out.dtype, device=out.device)
+            if self.weight is None
+            else self.weight
+        )
+        k = valid.to(out.dtype) * ((1 - eps) * w[tgt.masked_fill(~valid, 0)] + eps / c * w.sum())
         plain = copy.copy(self)
-        plain.weight, plain.ignore_index = None, -100
+        plain.weight, plain.ignore_index, plain.label_smoothing = None, -100, 0.0
         g = plain.per_sample_grads(out, y.masked_fill(~valid, 0))
         return (g.reshape(out.shape) * _root(k, self.name).unsqueeze(1)).reshape(out.shape[0], -1)
 

@@ -130,10 +130,11 @@ def _check_cover(blocks: list[Block], index: list[torch.Tensor], P: int) -> None
             f"got {len(blocks)} blocks and {len(index)} index tensors."
         )
     for i, (b, idx) in enumerate(zip(blocks, index)):
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 1:
+        integer = isinstance(idx, torch.Tensor) and not idx.is_floating_point()
+        if not integer or idx.dtype == torch.bool or idx.is_complex() or idx.dim() != 1:
             got = f"{idx.dtype}, shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else idx
             raise CurvkitValueError(
-                f"BlockDiagonalOperator: index {i} must be a 1-D int64 tensor, got {got}."
+                f"BlockDiagonalOperator: index {i} must be a 1-D integer tensor, got {got}."
             )
         if idx.numel() != b.size:
             raise CurvkitValueError(
