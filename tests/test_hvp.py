@@ -588,3 +588,26 @@ def test_hessian_through_the_legacy_weight_norm_is_refused():
         ck.hessian(model, nn.MSELoss(), data)
     ck.ggn(model, nn.MSELoss(), data)  # first derivatives only: right
     ck.hessian(model, nn.MSELoss(), data, params=[model[2].weight])  # not through it
+
+
+@pytest.mark.parametrize("params", ["all", "last"])
+def test_a_hessian_operator_refuses_after_its_buffers_change(params):
+    """BatchNorm statistics refreshed by a training-mode call after the first product: the
+    operator answered, for neither the old model nor the new one (buffers were not watched;
+    on the generic route an edited buffer raised autograd's raw in-place error)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model.train()
+    model(torch.randn(20, 4, dtype=DT))
+    model.eval()
+    batches = [(torch.randn(4, 4, dtype=DT), torch.randn(4, 3, dtype=DT))]
+    chosen = None if params == "all" else list(model[3].parameters())
+    op = ck.hessian(model, nn.MSELoss(), batches, structure="operator", params=chosen)
+    v = torch.randn(op.shape[0], dtype=DT)
+    op @ v
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(20, 4, dtype=DT) * 2 + 1)
+    model.eval()
+    with pytest.raises(ck.CurvkitValueError, match="buffers"):
+        op @ v

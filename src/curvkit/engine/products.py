@@ -146,11 +146,14 @@ class Watch:
 
     @classmethod
     def of(cls, fw: Forward, batch: Batch, internal=()) -> Watch:
-        """What a batch's kept Hessian products read: copies of the chosen parameters and the
-        batch (a model's frozen parameters, which may be most of it, by version only)."""
+        """What a batch's kept Hessian products read: copies of the chosen parameters, the
+        batch and the model's floating buffers (BatchNorm's running statistics, which a
+        training-mode call refreshes without touching any parameter; small), and the model's
+        frozen parameters (which may be most of it) by version only."""
         chosen = {id(t) for t in fw.layout.tensors}
         frozen = [p for p in fw.model.parameters() if id(p) not in chosen]
-        seen = [*fw.layout.tensors, *_tensors(batch.inputs), batch.targets]
+        buffers = [b for b in fw.model.buffers() if b.is_floating_point()]
+        seen = [*fw.layout.tensors, *_tensors(batch.inputs), batch.targets, *buffers]
         return cls(seen, [*frozen, *internal])
 
     def check(self) -> None:
@@ -161,8 +164,9 @@ class Watch:
         )
         if stale:
             raise CurvkitValueError(
-                "the model's parameters or the batch (inputs or targets) changed after this "
-                "Hessian operator was built (an optimiser step?); build a new operator with "
+                "the model's parameters, buffers (BatchNorm statistics) or the batch (inputs or "
+                "targets) changed after this Hessian operator was built (an optimiser step, a "
+                "call in training mode?); build a new operator with "
                 "ck.hessian. If forward() itself changes them in place "
                 "(nn.Embedding(max_norm=...) does), no operator can be kept: run the model once "
                 "under torch.no_grad(), then set the module's max_norm = None."
