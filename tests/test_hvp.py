@@ -611,3 +611,23 @@ def test_a_hessian_operator_refuses_after_its_buffers_change(params):
     model.eval()
     with pytest.raises(ck.CurvkitValueError, match="buffers"):
         op @ v
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("data", ["loader", "one_batch"])
+def test_an_operator_answers_every_pass_for_the_same_data(kind, data):
+    """After the data changed, products were refused but diagonal() and to_dense() answered for
+    the edited data. Any order of first use agrees with itself."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT).eval()
+    x, y = torch.randn(7, 3, dtype=DT), torch.randn(7, 2, dtype=DT)
+    source = [(x[:4], y[:4]), (x[4:], y[4:])] if data == "loader" else (x, y)
+    op = getattr(ck, kind)(model, nn.MSELoss(), source, structure="operator")
+    d = op.diagonal()  # first use: a diagonal, then products and the dense form agree
+    v = torch.randn(op.shape[0], dtype=DT)
+    assert_close((op.to_dense() @ v), op @ v, what="dense vs products")
+    assert_close(op.to_dense().diagonal(), d, what="diagonal")
+    x.mul_(1.5)  # the batches are views of x: edited in place
+    for use in (lambda: op @ v, op.diagonal, op.to_dense):
+        with pytest.raises(ck.CurvkitValueError, match="changed"):
+            use()

@@ -45,6 +45,9 @@ class _Lazy:
         return iter(self._get())
 
 
+_OWN_PRINTS = ("product", "gradient")  # passes that collect their data prints themselves
+
+
 class Problem:
     def __init__(
         self,
@@ -141,6 +144,11 @@ class Problem:
         kept state's Watch already compares exactly."""
         return 0 if self.source.single else data_print(batch)
 
+    def _pass_print(self, batch: Batch) -> int:
+        """What a pass of an operator records of a batch: its data print; for a Hessian over
+        one batch 0, since its kept products compare copies of that batch instead."""
+        return self._data_print(batch) if self.kind == "hessian" else data_print(batch)
+
     def _check_same_data(self, prints: list[int]) -> None:
         """An operator answers for the data of its first pass (a Hessian's kept state was made
         from it; a GGN's products would mix matrices): any later pass must bring the same
@@ -201,9 +209,14 @@ class Problem:
         ``lazy``, a function ``out -> side`` for bodies that run the forward pass themselves."""
         total_norm = 0.0
         self._params_checked = False
+        # an operator's other passes (diagonal, dense form) must see its data too; products
+        # and the gradient collect their own prints
+        prints: list[int] | None = [] if self.repeated and desc not in _OWN_PRINTS else None
         with torch.no_grad():
             for i, batch in self._batches(desc):
                 batch.index = i
+                if prints is not None:
+                    prints.append(self._pass_print(batch))
                 if lazy:
                     side = partial(self.output_side, i, batch, factor=factor)
                 else:
@@ -218,6 +231,8 @@ class Problem:
                 # after the batch: the loss has seen its output (a mean's denominator may
                 # depend on how targets broadcast against it)
                 total_norm += self.loss.normalizer(batch.targets)
+        if prints is not None:
+            self._check_same_data(prints)
         return self._scale(total_norm)
 
     # -- reductions ------------------------------------------------------------------------------
@@ -310,7 +325,7 @@ class Problem:
             kept = self._kept_product(batch) if self.kind == "hessian" else None
             if kept is not None:
                 kept.watch.check()
-                seen.append(self._data_print(batch))
+                seen.append(self._pass_print(batch))
             out.add_(batch_gradient(self.forward, batch) if kept is None else kept.gradient)
 
         scale = self._run("gradient", body, lazy=True)
@@ -329,12 +344,12 @@ class Problem:
                 if self.kind != "hessian":
                     M = side(self.forward.output(batch))
                     if self.repeated:  # nothing kept, but every pass must see the same data
-                        seen.append(data_print(batch))
+                        seen.append(self._pass_print(batch))
                 else:
                     self._check_once(batch, side)
                 kept = self._kept_product(batch) if self.kind == "hessian" else None
                 if kept is not None:
-                    seen.append(self._data_print(batch))
+                    seen.append(self._pass_print(batch))
                     out.add_(kept.product(V))
                     return
                 fad = self._forward_mode(batch)
