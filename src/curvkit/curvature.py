@@ -21,9 +21,9 @@ class CurvatureOperator(LinearOperator):
     memory budget, what its products need (an autograd graph, or for chains of Linear layers
     and activations the R-operator's inputs) after the first product, and refuses to answer
     once the parameters, buffers or data have changed: build a new operator after an optimiser
-    step. It reads the model and data when first used, not when built; ``diagonal()`` and
-    ``to_dense()`` recompute from them as they then are. Frozen parameters are watched through
-    their version counter only, so an edit through ``.data`` goes unseen.
+    step. It reads the model and data when first used, not when built; every later pass
+    (products, ``diagonal()``, ``to_dense()``) must see the same data. Frozen parameters are
+    watched through their version counter only, so an edit through ``.data`` goes unseen.
     """
 
     def __init__(self, problem: Problem, name: str):
