@@ -401,7 +401,7 @@ class Forward:
             )
             numel += 0 if c.output is None else c.output.numel()
         if kin is not None:
-            found, reverse_only, batched = kin
+            found, reasons, batched = kin
             if batched is None or batch.size <= 2:
                 # kin had one sample, or this batch is as small as _batched's own sub-batch
                 # (m = 1 or 2), where a (2, F) table's leading size would pass for N. A batch
@@ -412,9 +412,9 @@ class Forward:
         else:
             real = {id(t): id(p) for t, p in zip(self.params.values(), self.layout.tensors)}
             found = frozenset(real[i] for i in watch.found)
-            reverse_only, batched = frozenset(watch.reasons), self._batched(batch, out)
-            self._families[self._family(batch)] = (found, reverse_only, batched)
-        probe = (dict(shapes), numel, found, reverse_only, batched)
+            reasons, batched = frozenset(watch.reasons), self._batched(batch, out)
+            self._families[self._family(batch)] = (found, reasons, batched)
+        probe = (dict(shapes), numel, found, reasons, batched)
         batch.probe = self._probe_cache[key] = probe
         return Trace(calls, out)
 
@@ -583,7 +583,6 @@ def _tracked(x, depth: int = 0):
         return x.detach().requires_grad_() if x.is_floating_point() else x
     if depth > 8:
         return None
-    items = None
     if isinstance(x, tuple | list):
         items = [_tracked(v, depth + 1) for v in x]
         if any(n is None and v is not None for n, v in zip(items, x)):
