@@ -197,8 +197,8 @@ class _Watch(TorchFunctionMode):
     """What the probing forward pass sees of every torch call. ``found``: the ids in
     ``tracked`` of tensors passed to a torch function other than by their own module (while
     no leaf module runs, or inside another leaf's call: a head that keeps an unregistered
-    reference to a layer); ``running`` is kept by the recording hooks. ``reverse_only``: see
-    below."""
+    reference to a layer); ``running`` is kept by the recording hooks. ``reasons`` (for
+    reverse mode): see below."""
 
     def __init__(self, tracked: set[int]):
         super().__init__()
