@@ -190,11 +190,18 @@ def _curvature(
     if structure == "operator":
         return CurvatureOperator(problem, kind)
     if structure == "lowrank":
+        # Lanczos draws its start vectors from a copy of the generator: the MC Fisher's labels,
+        # drawn by the first product, then come from the generator's own stream, as they do
+        # for the dense and operator forms with the same seed
+        lanczos = None
+        if generator is not None:
+            lanczos = torch.Generator(device=generator.device)
+            lanczos.set_state(generator.get_state())
         lam, U = top_eigenvalues(
             CurvatureOperator(problem, kind),
             k=min(rank, layout.numel),
             eigenvectors=True,
-            generator=generator,
+            generator=lanczos,
         )
         return LowRankOperator(U, lam)
     if structure != "dense":

@@ -254,6 +254,7 @@ class Forward:
         self._chains: dict[tuple, bool] = {}  # input shapes -> whether the fast route applies
         self.scratch: dict = {}  # buffers the chain route reuses across chunks and batches
         self.checked: set = set()  # one-time checks done, by (what, input shapes)
+        self.loop_rows: set = set()  # batch shapes whose per-sample rows vmap gets wrong
         owners = _owners(model)
         self._candidates: list[RuleLayer] = []
         for mod in model.modules():

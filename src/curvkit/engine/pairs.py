@@ -97,21 +97,54 @@ def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], 
         (rows,) = vmap(pull, in_dims=1)(Fn)  # dict of (K, *shape)
         return torch.cat([rows[n].reshape(Fn.shape[1], -1) for n in names], dim=1), out
 
-    try:
-        rows, outs = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(leaves, F)
-    except RuntimeError:
-        # Some modules cannot run under vmap over samples (nn.RNN/LSTM/GRU, control flow on
-        # values): the same calls, one sample at a time, are exact and only slower.
+    def looped():
         done = [
             one([t[n] if d == 0 else t for t, d in zip(leaves, dims)], F[n])
             for n in range(batch.size)
         ]
-        rows, outs = torch.stack([r for r, _ in done]), torch.stack([o for _, o in done])
+        return torch.stack([r for r, _ in done]), torch.stack([o for _, o in done])
+
     key = ("per-sample", fw._key(batch))
+    width = sum(sub[n].numel() for n in names)
+    if key in fw.loop_rows:
+        rows, outs = looped()
+    else:
+        try:
+            rows, outs = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(leaves, F)
+        except RuntimeError:
+            # Some modules cannot run under vmap over samples (nn.RNN/LSTM/GRU, control flow
+            # on values): the same calls, one sample at a time, are exact and only slower.
+            rows = None
+        if rows is None or tuple(rows.shape) != (batch.size, F.shape[2], width):
+            # torch's vmap of some modules' weight gradients returns wrong shapes (nn.PReLU:
+            # (N, K, N) rows) that may even broadcast: the loop, for this batch shape on
+            fw.loop_rows.add(key)
+            rows, outs = looped()
     if key not in fw.checked:
         _check_per_sample(outs, fw.output(batch), names)
+        if key not in fw.loop_rows and not _rows_add_up(fw, batch, F, names, rows):
+            fw.loop_rows.add(key)  # right shapes, wrong values (nn.PReLU at some sizes)
+            rows, _ = looped()
         fw.checked.add(key)
     return rows
+
+
+def _rows_add_up(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], rows) -> bool:
+    """Whether the per-sample rows sum over the samples to the batch's own pullback of the
+    factor's columns (one vmapped vjp of the batched model), up to √eps of their scale."""
+    fixed = {n: t for n, t in fw.params.items() if n not in names}
+    sub = {n: fw.params[n] for n in names}
+
+    def f(p):
+        raw = functional_call(fw.model, {**fixed, **p}, *_as_call(batch.inputs))
+        return pick_output(raw, fw.output_fn).reshape(batch.size, -1)
+
+    _, pull = vjp(f, sub)
+    (whole,) = vmap(pull, in_dims=2)(F)  # dict of (K, *shape)
+    want = torch.cat([whole[n].reshape(F.shape[2], -1) for n in names], dim=1)
+    got = rows.sum(0)
+    scale = float(rows.abs().sum(0).max().clamp(min=torch.finfo(got.dtype).tiny))
+    return bool(((got - want).abs() <= torch.finfo(got.dtype).eps ** 0.5 * scale).all())
 
 
 def _check_per_sample(outs: torch.Tensor, batched: torch.Tensor, names: list[str]) -> None:
