@@ -321,8 +321,12 @@ def ef(
     kfac: str = "expand",
     rank: int = 20,
 ):
-    """The empirical Fisher E = s·Σₙ ∇ℓₙ ∇ℓₙᵀ: Σₙ for a sum, (1/N)·Σₙ for a mean — the
-    same scale as the Hessian it stands in for."""
+    """The empirical Fisher E = s·Σₙ ∇ℓₙ ∇ℓₙᵀ with L = s·Σₙ ℓₙ — the same scale as the
+    Hessian it stands in for. Unlike the Hessian and GGN, it depends on how L splits into
+    per-sample terms: for a torch loss module's mean, ℓₙ is sample n's sum over its elements
+    and s = 1/(number of elements); for a callable with ``reduction='mean'``, ℓₙ is the
+    callable's value on sample n alone and s = 1/N. Over T elements per sample the two
+    differ by a factor T."""
     return _curvature("ef", **locals())
 
 
