@@ -715,6 +715,13 @@ def test_callable_mean_over_part_of_the_samples_is_refused_on_a_loader():
     assert_close(ck.ggn(model, fn, (x, y), reduction="mean"), want, what="one batch: exact")
     with pytest.raises(ck.CurvkitValueError, match="not a mean over samples"):
         ck.ggn(model, fn, [(x[:2], y[:2]), (x[2:], y[2:])], reduction="mean")
+    # an ignored target first: its own value is NaN (a mean over nothing), which left the
+    # batch unchecked and passed a loader 13% off
+    y0 = y.roll(-2)  # [-100, 1, -100, 2, 0, 2]
+    want = ck.ggn(model, nn.CrossEntropyLoss(), (x, y0))
+    assert_close(ck.ggn(model, fn, (x, y0), reduction="mean"), want, what="one batch: exact")
+    with pytest.raises(ck.CurvkitValueError, match="a mean over nothing"):
+        ck.ggn(model, fn, [(x[:3], y0[:3]), (x[3:], y0[3:])], reduction="mean")
 
 
 def test_loss_weights_are_checked_against_the_output():

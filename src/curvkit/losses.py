@@ -634,7 +634,11 @@ class CallableLoss(Loss):
             spare = self._spares.get(key) if out.shape[0] == 1 else None
             if spare is not None:
                 out, tgt = torch.cat([spare[0], out]), torch.cat([spare[1], tgt])
-            pair = _telling_pair(self._singles(out, tgt))
+            values = self._singles(out, tgt)
+            if not self.one_batch and any(math.isnan(v) for v in values):
+                self._checked = True  # the callable's mean is not over samples: _check_few says
+                return
+            pair = _telling_pair(values)
             if pair is None:
                 if out.shape[0] == 1:
                     self._spares[key] = (out.detach(), tgt)
@@ -703,7 +707,10 @@ def _telling_pair(values: list[float]):
     """((ℓᵢ, ℓⱼ), [i, j]): two samples (of the first 8, whose losses are ``values``) whose
     losses do not cancel, so that their pair's value tells a sum (ℓᵢ + ℓⱼ) from a mean (half
     that); None if there is none (one sample, or zero losses, as for a satisfied hinge)."""
-    first, *rest = sorted(range(len(values)), key=lambda i: -abs(values[i]))
+    finite = [i for i, v in enumerate(values) if math.isfinite(v)]  # NaN: a mean over nothing
+    if len(finite) < 2:
+        return None
+    first, *rest = sorted(finite, key=lambda i: -abs(values[i]))
     for j in rest:
         a, b = values[first], values[j]
         if abs(a + b) > max(1e-3 * (abs(a) + abs(b)), 1e-12):
