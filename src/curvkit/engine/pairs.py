@@ -78,8 +78,6 @@ def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], 
     (a shared tensor, a number) goes whole to every sample's call. Once per input shape, the
     samples' outputs are checked against the batched output: a model that mixes samples, or a
     shared input that happens to have the batch's leading size, would give wrong rows."""
-    fixed = {n: t for n, t in fw.params.items() if n not in names}
-    sub = {n: fw.params[n] for n in names}
     leaves, spec = tree_flatten(batch.inputs)
     dims = [
         0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch.size else None
@@ -88,14 +86,7 @@ def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], 
 
     def one(sample, Fn):
         args = [t.unsqueeze(0) if d == 0 else t for t, d in zip(sample, dims)]
-
-        def f(p):
-            raw = functional_call(fw.model, {**fixed, **p}, *_as_call(tree_unflatten(args, spec)))
-            return pick_output(raw, fw.output_fn).reshape(-1)
-
-        out, pull = vjp(f, sub)
-        (rows,) = vmap(pull, in_dims=1)(Fn)  # dict of (K, *shape)
-        return torch.cat([rows[n].reshape(Fn.shape[1], -1) for n in names], dim=1), out
+        return _pulled(fw, names, tree_unflatten(args, spec), Fn)
 
     def looped():
         done = [
@@ -105,7 +96,7 @@ def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], 
         return torch.stack([r for r, _ in done]), torch.stack([o for _, o in done])
 
     key = ("per-sample", fw._key(batch))
-    width = sum(sub[n].numel() for n in names)
+    width = sum(fw.params[n].numel() for n in names)
     if key in fw.loop_rows:
         rows, outs = looped()
     else:
@@ -129,19 +120,24 @@ def fallback_rows(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], 
     return rows
 
 
+def _pulled(fw: Forward, names: list[str], inputs, F: torch.Tensor):
+    """(Fᵀ J (K, P_f), the output): J the Jacobian of the model's output on ``inputs`` w.r.t.
+    the parameters ``names``, the output shaped like F without its last (column) axis."""
+    fixed = {n: t for n, t in fw.params.items() if n not in names}
+
+    def f(p):
+        raw = functional_call(fw.model, {**fixed, **p}, *_as_call(inputs))
+        return pick_output(raw, fw.output_fn).reshape(F.shape[:-1])
+
+    out, pull = vjp(f, {n: fw.params[n] for n in names})
+    (rows,) = vmap(pull, in_dims=-1)(F)  # dict of (K, *shape)
+    return torch.cat([rows[n].reshape(F.shape[-1], -1) for n in names], dim=1), out
+
+
 def _rows_add_up(fw: Forward, batch: Batch, F: torch.Tensor, names: list[str], rows) -> bool:
     """Whether the per-sample rows sum over the samples to the batch's own pullback of the
     factor's columns (one vmapped vjp of the batched model), up to √eps of their scale."""
-    fixed = {n: t for n, t in fw.params.items() if n not in names}
-    sub = {n: fw.params[n] for n in names}
-
-    def f(p):
-        raw = functional_call(fw.model, {**fixed, **p}, *_as_call(batch.inputs))
-        return pick_output(raw, fw.output_fn).reshape(batch.size, -1)
-
-    _, pull = vjp(f, sub)
-    (whole,) = vmap(pull, in_dims=2)(F)  # dict of (K, *shape)
-    want = torch.cat([whole[n].reshape(F.shape[2], -1) for n in names], dim=1)
+    want, _ = _pulled(fw, names, batch.inputs, F)
     got = rows.sum(0)
     scale = float(rows.abs().sum(0).max().clamp(min=torch.finfo(got.dtype).tiny))
     return bool(((got - want).abs() <= torch.finfo(got.dtype).eps ** 0.5 * scale).all())
