@@ -45,9 +45,6 @@ class _Lazy:
         return iter(self._get())
 
 
-_OWN_PRINTS = ("product", "gradient")  # passes that collect their data prints themselves
-
-
 class Problem:
     def __init__(
         self,
@@ -209,9 +206,9 @@ class Problem:
         ``lazy``, a function ``out -> side`` for bodies that run the forward pass themselves."""
         total_norm = 0.0
         self._params_checked = False
-        # an operator's other passes (diagonal, dense form) must see its data too; products
-        # and the gradient collect their own prints
-        prints: list[int] | None = [] if self.repeated and desc not in _OWN_PRINTS else None
+        # every pass of an operator (products, gradient, diagonal, dense form) must see the
+        # data of its first pass
+        prints: list[int] | None = [] if self.repeated else None
         with torch.no_grad():
             for i, batch in self._batches(desc):
                 batch.index = i
@@ -318,46 +315,35 @@ class Problem:
         """(P,): the gradient of the loss over the data, scaled like the curvature."""
         out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
 
-        seen: list[int] = []
-
         def body(batch, side, chunks):
             self._check_once(batch, side)
             kept = self._kept_product(batch) if self.kind == "hessian" else None
             if kept is not None:
                 kept.watch.check()
-                seen.append(self._pass_print(batch))
             out.add_(batch_gradient(self.forward, batch) if kept is None else kept.gradient)
 
-        scale = self._run("gradient", body, lazy=True)
-        self._check_same_data(seen)
-        return out.mul_(scale)
+        return out.mul_(self._run("gradient", body, lazy=True))
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """(P, k) -> (P, k): the curvature applied to V, matrix-free."""
 
         def run():
             out = torch.zeros_like(V)
-            seen: list[int] = []
 
             def body(batch, side, chunks):
                 M = None
                 if self.kind != "hessian":
                     M = side(self.forward.output(batch))
-                    if self.repeated:  # nothing kept, but every pass must see the same data
-                        seen.append(self._pass_print(batch))
                 else:
                     self._check_once(batch, side)
                 kept = self._kept_product(batch) if self.kind == "hessian" else None
                 if kept is not None:
-                    seen.append(self._pass_print(batch))
                     out.add_(kept.product(V))
                     return
                 fad = self._forward_mode(batch)
                 prod = _dense.product(self.forward, batch, self.kind, M, chunks[0], fad)
                 out.add_(prod(V))
 
-            scale = self._run("product", body, lazy=True)
-            self._check_same_data(seen)
-            return out.mul_(scale)
+            return out.mul_(self._run("product", body, lazy=True))
 
         return self._with_fallback(run)
