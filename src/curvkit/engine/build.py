@@ -158,7 +158,7 @@ def _reduce_pairs(fw, batch, layers, side, trace, stats: dict):
     return the factor (F, σ)."""
     acts, F, signs, parts = backprop(fw, batch, layers, side, trace)
     for l, a in zip(layers, acts):
-        stats[id(l)].add_inputs(a)
+        stats[id(l)].add_inputs(*a)
     for cols, grads in parts:
         s = None if signs is None else signs[:, cols]
         for l, g in zip(layers, grads):

@@ -98,6 +98,15 @@ class RuleLayer:
             out[:, :, -1] = 1
         return out
 
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(a, ones): the layer's inputs for the structured reductions, and whether a column of
+        ones (the bias's) is implied after a's columns. A Linear layer's input rows are taken as
+        they are, without the copy :meth:`acts` makes to append that column (about 1 ms of a
+        14 ms Monte-Carlo KFAC of the digits MLP); any other layer gives its :meth:`acts`."""
+        if self.is_conv or self.is_embedding or not self.use_weight:
+            return self.acts(x), False
+        return x.reshape(x.shape[0], -1, self.in_size), self.use_bias
+
     def natural_order(self) -> torch.Tensor | None:
         """The permutation p of the A columns of :meth:`acts` into the parameters' order
         (``acts(x)[..., p]`` is ordered like ``weight[o]`` then the bias), or None if they

@@ -25,16 +25,17 @@ CHUNK_BYTES = 2**20
 def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Trace | None = None):
     """One forward pass, then the factor's columns backpropagated to every rule layer.
 
-    ``side(out) -> (F (N, C, K), σ)`` turns the output into the factor. Returns
-    (acts: list of (N, R, A), F, σ, parts), where ``parts`` yields (columns, grads) for chunks
-    of the factor's columns: grads[l] (k, N, R, d) with grads[l][k, n] = ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer
-    l's output) for k in ``columns`` (a slice). With a recorded ``trace`` of a chain (NOTE
-    [chains]) no further pass runs; otherwise autograd's pullback, vmapped over all columns."""
+    ``side(out) -> (F (N, C, K), σ)`` turns the output into the factor. Returns (acts, F, σ,
+    parts): acts a list of (a, ones) as from ``RuleLayer.inputs``; ``parts`` yields (columns,
+    grads) for chunks of the factor's columns: grads[l] (k, N, R, d) with grads[l][k, n] =
+    ∂(Fₙ[:, k]ᵀ fₙ)/∂(layer l's output) for k in ``columns`` (a slice). With a recorded
+    ``trace`` of a chain (NOTE [chains]) no further pass runs; otherwise autograd's pullback,
+    vmapped over all columns."""
     calls = fw.chain(batch, trace, layers) if trace is not None else None
     if calls is not None:
         F, signs = side(trace.out)
         inputs = {id(c.module): c.input for c in calls}
-        acts = [l.acts(inputs[id(l.module)]) for l in layers]
+        acts = [l.inputs(inputs[id(l.module)]) for l in layers]
         return acts, F, signs, _chain_parts(calls, layers, F, trace.out, fw.scratch)
     f = fw.perturbed(batch, layers)
     ref = fw.layout.tensors[0]
@@ -49,7 +50,7 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Tr
     else:
         (grads,) = vmap(pullback)(cots)
     grads = [l.positions_last(g) for l, g in zip(layers, grads)]
-    return acts, F, signs, iter([(slice(0, F.shape[2]), grads)])
+    return [(a, False) for a in acts], F, signs, iter([(slice(0, F.shape[2]), grads)])
 
 
 def _chain_parts(calls, layers: list[RuleLayer], F: torch.Tensor, out: torch.Tensor, scratch):

@@ -9,7 +9,8 @@ With Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ the per-sample, per-column gradient o
              with ḡ = Σᵣ g, ā = meanᵣ a  (Eschenhagen et al., 2023)
     EKFAC    Σₙₖ σ (U_Bᵀ Gₙₖ U_A)⊙²  in the KFAC eigenbasis (a second pass)
 
-Each is an accumulator: ``add_inputs(a)`` once per batch, ``add_columns(g, σ)`` for each chunk
+Each is an accumulator: ``add_inputs(a, ones)`` once per batch (``ones``: a column of ones, the
+bias's, is implied after a's, see ``RuleLayer.inputs``), ``add_columns(g, σ)`` for each chunk
 of the factor's columns (every reduction is a sum over columns k), ``result()`` at the end. All
 are unscaled sums over the data; the caller applies the loss scale s.
 """
@@ -72,6 +73,11 @@ def _sample_chunks(n: int, per_sample: int, budget: int = 2**19):
         yield slice(start, min(n, start + step))
 
 
+def _augmented(a: torch.Tensor, ones: bool) -> torch.Tensor:
+    """a with its implied column of ones appended (see ``RuleLayer.inputs``)."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if ones else a
+
+
 def _weights(signs: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
     """signs (N, K) as (K, N, 1, ...) broadcasting against a tensor of ``shape`` (K, N, ...)."""
     if signs is None:
@@ -103,9 +109,10 @@ class Kron:
 
     def __init__(self, mode: str):
         self.mode, self.A, self.B, self.count = mode, Gram(), Gram(), 0
+        self.a_sum: torch.Tensor | None = None  # Σ a over rows, with an implied ones column
         self.scratch: dict = {}
 
-    def add_inputs(self, a: torch.Tensor) -> None:  # (N, R, A)
+    def add_inputs(self, a: torch.Tensor, ones: bool = False) -> None:  # (N, R, A)
         N, R, _ = a.shape
         if R == 1:
             a2 = a[:, 0]
@@ -114,6 +121,9 @@ class Kron:
         else:
             a2 = a.reshape(N * R, -1)
         self.A.add(a2)
+        if ones:  # A = [[Σ a aᵀ, Σ a], [Σ aᵀ, rows]]: the border, without the column itself
+            s = a2.sum(0)
+            self.a_sum = s if self.a_sum is None else self.a_sum.add_(s)
         self.count += a2.shape[0]
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:  # (K, N, R, d)
@@ -136,7 +146,15 @@ class Kron:
         self.B.add(g2 if w is None else (g * w).reshape(g2.shape), g2)
 
     def result(self):
-        return self.B.result(), self.A.result(), self.count
+        A = self.A.result()
+        if self.a_sum is not None:
+            n = A.shape[0]
+            full = A.new_empty(n + 1, n + 1)
+            full[:n, :n] = A
+            full[:n, n] = full[n, :n] = self.a_sum
+            full[n, n] = self.count
+            A = full
+        return self.B.result(), A, self.count
 
 
 class Diag:
@@ -146,17 +164,20 @@ class Diag:
     sums are gathered over the batch's chunks of columns and meet aₙ⊙² in one GEMM per batch."""
 
     def __init__(self):
-        self.out, self.a, self.s = None, None, None
+        self.out, self.a, self.s, self.ones = None, None, None, False
         self.scratch: dict = {}
 
-    def add_inputs(self, a: torch.Tensor) -> None:
+    def add_inputs(self, a: torch.Tensor, ones: bool = False) -> None:
         self._flush()
-        self.a = a
+        if ones and a.shape[1] > 1:  # per-sample products over positions take the column
+            a, ones = _augmented(a, ones), False
+        self.a, self.ones = a, ones
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:
         a = self.a
         if self.out is None:
-            self.out = torch.zeros(g.shape[-1], a.shape[-1], dtype=a.dtype, device=a.device)
+            A = a.shape[-1] + self.ones
+            self.out = torch.zeros(g.shape[-1], A, dtype=a.dtype, device=a.device)
         if a.shape[1] > 1:
             _per_sample_sq_sum(self.out, a, g, signs, self.scratch)
             return
@@ -168,7 +189,11 @@ class Diag:
 
     def _flush(self) -> None:
         if self.s is not None:
-            self.out.addmm_(self.s.T, self.a[:, 0].square())
+            if self.ones:  # the ones column's squares are ones: its entries are Σₙ sₙ
+                self.out[:, :-1].addmm_(self.s.T, self.a[:, 0].square())
+                self.out[:, -1] += self.s.sum(0)
+            else:
+                self.out.addmm_(self.s.T, self.a[:, 0].square())
             self.s = None
 
     def result(self):
@@ -183,8 +208,9 @@ class Ekfac(Diag):
         super().__init__()
         self.UB, self.UA = UB, UA
 
-    def add_inputs(self, a: torch.Tensor) -> None:
-        super().add_inputs(a @ self.UA)
+    def add_inputs(self, a: torch.Tensor, ones: bool = False) -> None:
+        UA = self.UA
+        super().add_inputs(a @ UA[:-1] + UA[-1] if ones else a @ UA)
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:
         super().add_columns(g @ self.UB, signs)
@@ -196,8 +222,8 @@ class Block:
     def __init__(self):
         self.out, self.a = None, None
 
-    def add_inputs(self, a: torch.Tensor) -> None:
-        self.a = a
+    def add_inputs(self, a: torch.Tensor, ones: bool = False) -> None:
+        self.a = _augmented(a, ones)
 
     def add_columns(self, g: torch.Tensor, signs: torch.Tensor | None) -> None:
         a = self.a
