@@ -705,6 +705,23 @@ def test_mc_fisher_of_weighted_losses_averages_to_the_ggn(loss_fn, y):
     assert rel_error(Fm, G) < 0.08, rel_error(Fm, G)  # the flaws: 0.3 to 9x
 
 
+@pytest.mark.parametrize("mc_samples", [1, 3])
+def test_cross_entropy_fisher_draws_from_one_softmax_equal_the_general_path(mc_samples):
+    """The plain cross-entropy's draws (p - e_y from one softmax, zero at ignored targets) are
+    those of the general path, draw for draw, from the same generator state."""
+    from curvkit.losses import CrossEntropy, Loss
+
+    torch.manual_seed(0)
+    out, y = torch.randn(40, 6, dtype=DT), torch.randint(0, 6, (40,))
+    y[[2, 7]] = -100
+    loss = CrossEntropy(nn.CrossEntropyLoss())
+    fast = loss.fisher_factors(out, y, mc_samples, torch.Generator().manual_seed(5))
+    general = Loss.fisher_factors(loss, out, y, mc_samples, torch.Generator().manual_seed(5))
+    assert fast.shape == (40, 6, mc_samples)
+    assert_close(fast, general, rtol=1e-14)
+    assert not fast[[2, 7]].any() and fast.abs().sum() > 0
+
+
 def test_callable_mean_over_part_of_the_samples_is_refused_on_a_loader():
     """F.cross_entropy's default mean skips ignored targets: a mean, but not over samples. The
     first batch's pair passed the check and the batches were weighted by N_b / N (22% off)."""

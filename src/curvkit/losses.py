@@ -370,6 +370,23 @@ class CrossEntropy(Loss):
         onehot = F.one_hot(tgt.clamp(0, out.shape[1] - 1), out.shape[1]).to(out.dtype)
         return (p - onehot) * k[:, None]
 
+    def fisher_factors(self, out, tgt, mc_samples, generator):
+        c = out.shape[1] if out.dim() == 2 else -1
+        plain = self.weight is None and not self.label_smoothing and not 0 <= self.ignore_index < c
+        if c < 0 or not plain or not self._index_targets(tgt):
+            return super().fisher_factors(out, tgt, mc_samples, generator)
+        # The common case from one softmax: ∇ℓ(ỹ) = p − e_ỹ, zero where the target is ignored
+        # (the general path's draws, in its order: one uniform per sample and draw)
+        p = out.detach().softmax(1)
+        keep = (tgt != self.ignore_index).to(p.dtype)[:, None]
+        cols = []
+        for _ in range(mc_samples):
+            onehot = F.one_hot(_categorical(p, generator), c).to(p.dtype)
+            cols.append((p - onehot).mul_(keep))
+        if mc_samples == 1:
+            return cols[0][:, :, None]
+        return torch.stack(cols, dim=2) / mc_samples**0.5
+
     def _fisher_grads(self, out, tgt, y):
         c, eps = out.shape[1], self.label_smoothing
         if self.weight is None and not 0 <= self.ignore_index < c and not eps:

@@ -121,8 +121,8 @@ def _leaky(m: nn.LeakyReLU, y: torch.Tensor) -> torch.Tensor:
 # Activation modules: σ'(z) in terms of their output y = σ(z) (also used by ``hvp.py``).
 DERIVATIVES: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
     nn.ReLU: lambda m, y: (y > 0).to(y.dtype),
-    nn.Tanh: lambda m, y: 1 - y * y,
-    nn.Sigmoid: lambda m, y: y * (1 - y),
+    nn.Tanh: lambda m, y: torch.addcmul(y.new_ones(()), y, y, value=-1),  # 1 − y², one kernel
+    nn.Sigmoid: lambda m, y: torch.addcmul(y, y, y, value=-1),  # y − y²
     nn.LeakyReLU: _leaky,
 }
 
