@@ -784,3 +784,42 @@ def test_mean_over_targets_broadcast_within_a_sample_uses_torchs_denominator():
         mean = ck.ggn(model, nn.HuberLoss(), [(x[:2], y[:2]), (x[2:], y[2:])])
         total = ck.ggn(model, nn.HuberLoss(reduction="sum"), (x, y))
     assert_close(mean, total / 18, what="mean = sum / 3N")
+
+
+class _Scaled(nn.Module):
+    """A learned scalar (a 0-dim parameter, like CLIP's logit_scale) after a Linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.scale = nn.Linear(3, 2), nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "ef"])
+@pytest.mark.parametrize("structure", ["dense", "operator", "diag", "block", "lowrank"])
+def test_a_zero_dim_parameter_is_one_coordinate(kind, structure):
+    """Products split a flat vector into parameter shapes: reshape(*()) raised a raw TypeError
+    for a 0-dim parameter (dense, operator, the Hessian diagonal)."""
+    torch.manual_seed(0)
+    model = _Scaled().to(DT).eval()
+    x, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
+    mse = nn.MSELoss(reduction="sum")
+    sample = lambda o, t: ((o - t) ** 2).sum()  # noqa: E731
+    want = {
+        "hessian": lambda p: ref_hessian(model, mse, [(x, y)], p),
+        "ggn": lambda p: ref_ggn(model, sample, 1.0, [(x, y)], p),
+        "ef": lambda p: ref_ef(model, sample, 1.0, [(x, y)], p),
+    }[kind]
+    for params in (None, [model.scale]):
+        got = getattr(ck, kind)(model, mse, (x, y), structure=structure, params=params)
+        got = got if isinstance(got, torch.Tensor) else got.to_dense()
+        ref = want(params)
+        if structure == "diag":
+            ref = torch.diag(ref.diagonal())
+        elif structure == "block":  # one block per module: the root's scalar (first), fc's
+            ref = ref.clone()
+            if params is None:
+                ref[1:, 0] = ref[0, 1:] = 0
+        assert_close(got, ref, rtol=1e-9, what=f"{kind} {structure} params={params}")

@@ -43,7 +43,7 @@ class ParamLayout:
         """Split a flat ``(P, ...)`` tensor into parameter-shaped views ``(*shape, ...)``."""
         extra = vec.shape[1:]
         return {
-            n: vec[o : o + t.numel()].reshape(*t.shape, *extra)
+            n: vec[o : o + t.numel()].reshape(tuple(t.shape) + tuple(extra))
             for n, t, o in zip(self.names, self.tensors, self.offsets)
         }
 
