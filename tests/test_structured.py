@@ -861,6 +861,36 @@ def test_ekfac_is_the_best_diagonal_in_the_kfac_eigenbasis(name, mode):
             assert_close(_sub(E_all, E_op.index[b]), _sub(K_all, K_op.index[b]), what=lab)
 
 
+def test_mc_fisher_ekfac_takes_its_eigenvalues_from_the_same_draws():
+    """EKFAC's second pass drew new labels: its eigenvalues were those of another MC Fisher than
+    its eigenbasis (0.41-0.45 off diag(U^T F U) for the dense Fisher of the same seed)."""
+    c = case("mlp_ce_mean")
+    run = lambda s: c.run(ck.fisher, structure=s, generator=torch.Generator().manual_seed(4))  # noqa: E731
+    F_all, K_op, E_op = run("dense"), run("kron"), run("ekfac")
+    K_all, E_all = K_op.to_dense(), E_op.to_dense()
+    for b, lab in enumerate(E_op.labels):
+        idx = E_op.index[b]
+        K, E, Fb = _sub(K_all, idx), _sub(E_all, idx), _sub(F_all, idx)
+        Kj = torch.eye(idx.numel(), dtype=DT)
+        for j in range(3):  # E is F's projection onto K's eigenbasis: basis-free checks
+            assert_close((Kj @ E).trace(), (Kj @ Fb).trace(), what=f"{lab}: tr(K^{j} E)")
+            Kj = Kj @ K
+
+
+def test_ekfac_refuses_a_loader_that_brings_other_samples_to_its_second_pass():
+    c = case("mlp_ce_mean")
+    (x, y), n = c.data if isinstance(c.data, tuple) else c.data[0], 0
+
+    class Drifting:  # each pass draws other samples (random augmentation, say)
+        def __iter__(self):
+            nonlocal n
+            n += 1
+            yield x + 0.1 * n, y
+
+    with pytest.raises(ck.CurvkitValueError, match="data changed"):
+        ck.ggn(c.model, c.loss_fn, Drifting(), structure="ekfac")
+
+
 # --------------------------------------------------------------------------------------------
 # 9. models that are not a plain stack of Linear / Conv2d layers
 # --------------------------------------------------------------------------------------------
@@ -1367,3 +1397,20 @@ def test_lowrank_fisher_is_the_same_draw_as_the_dense_one():
     D = ck.fisher(model, nn.CrossEntropyLoss(), data, generator=g())
     L = ck.fisher(model, nn.CrossEntropyLoss(), data, generator=g(), structure="lowrank", rank=99)
     assert_close(L.to_dense(), D, rtol=1e-8, what="lowrank vs dense, same seed")
+
+
+@pytest.mark.parametrize("structure", ["block", "kron"])
+def test_a_parametrized_module_is_one_block(structure):
+    """A parametrization's originals (2.parametrizations.weight.original0/1) were grouped apart
+    from the module's bias: two blocks, the weight-bias terms dropped (0.59 off the module's
+    exact block), labelled ParametrizationList."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(DT).eval()
+    parametrizations.weight_norm(model[2])
+    x, y = torch.randn(6, 3, dtype=DT), torch.randint(0, 4, (6,))
+    ce = nn.CrossEntropyLoss()
+    op = ck.ggn(model, ce, (x, y), params=model[2], structure=structure)
+    assert op.labels == ["ParametrizedLinear '2' (exact dense block)"], op.labels
+    assert_close(op.to_dense(), ck.ggn(model, ce, (x, y), params=model[2]))

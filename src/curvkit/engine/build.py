@@ -31,8 +31,11 @@ def _fallback_groups(problem: Problem, covered_names: set[str]) -> OrderedDict:
 
 
 def _module_of(name: str) -> str:
-    """The module a parameter belongs to: its path, or "" for the model's own parameters."""
-    return name.rpartition(".")[0]
+    """The module a parameter belongs to: its path, or "" for the model's own parameters. A
+    parametrization's originals (``2.parametrizations.weight.original0``) belong to the
+    parametrized module (``2``), beside its other parameters."""
+    head, sep, _ = ("." + name).partition(".parametrizations.")
+    return head[1:] if sep else name.rpartition(".")[0]
 
 
 def _group_label(problem: Problem, gname: str, kind: str) -> str:
@@ -73,6 +76,10 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
     _check_memory(problem, structure)
     if problem.kind == "hessian":
         return _hessian_structure(problem, structure)
+    if structure == "ekfac":
+        # two passes, one matrix: the eigenvalues must come from the data (and, for the MC
+        # Fisher, the label draws) the eigenbasis came from, not from a second draw
+        problem.repeated = True
     fw, layout = problem.forward, problem.layout
     state: dict = {"layers": None, "stats": {}, "fb": {}, "groups": None}
     per_layer = {
