@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers import assert_close, ref_hessian
 from torch import nn
 
 import curvkit as ck
@@ -209,6 +211,41 @@ def test_one_shot_iterator_used_up_by_an_earlier_pass():
     G @ v  # the first pass consumes the generator
     err = expect_error(ValueError, ("one-shot",), lambda: G @ v)
     assert "used up" in str(err), err
+
+
+class _HuberActivation(nn.Module):
+    """huber_loss's backward has no forward-mode derivative: the Hessian's first try (forward
+    over reverse) fails on the first batch and the pass is retried in reverse mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(F.huber_loss(h, torch.zeros_like(h), reduction="none", delta=0.5))
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag"])
+def test_one_shot_iterator_whose_pass_is_retried(structure):
+    """The retry read on from where the failed try stopped: a generator of three batches gave
+    the Hessian of the last two (0.54 off), silently."""
+    torch.manual_seed(0)
+    model = _HuberActivation().to(DT).eval()
+    x, y = torch.randn(9, 4, dtype=DT), torch.randint(0, 3, (9,))
+    batches = [(x[i : i + 3], y[i : i + 3]) for i in range(0, 9, 3)]
+    ce = nn.CrossEntropyLoss()
+    want = ck.hessian(model, ce, batches, structure=structure)  # a list: retried from the start
+    ref = ref_hessian(model, ce, [(x, y)])
+    if structure == "diag":
+        want, ref = want.diagonal(), ref.diagonal()
+    assert_close(want, ref, rtol=1e-10)
+    err = expect_error(
+        ValueError,
+        ("one-shot", "stopped partway"),
+        lambda: ck.hessian(model, ce, iter(batches), structure=structure),
+    )
+    assert "list of batches or a DataLoader" in str(err), err
 
 
 class Checkpointed(nn.Module):

@@ -130,6 +130,7 @@ class DataSource:
         self.device = device
         self._cached: Batch | None = None
         self._passes = 0  # complete passes over the data
+        self._begun = 0  # passes started
         looks_like_one_batch = isinstance(data, torch.Tensor) or (
             isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor)
         )
@@ -153,11 +154,21 @@ class DataSource:
                 self._cached = _validate(self._batches[0], -1, self.device)
             yield self._cached
             return
+        one_shot = iter(self._batches) is self._batches
+        if one_shot and self._begun > self._passes:
+            raise CurvkitValueError(
+                f"data is a one-shot iterator ({type(self._batches).__name__}), and a pass over "
+                "it stopped partway: curvkit retries such a pass another way (reverse-mode or "
+                "first-derivative products, when an op of the model lacks forward-mode or "
+                "second derivatives), but the retry would see only the batches the first try "
+                "left. Pass something it can iterate again: a list of batches or a DataLoader."
+            )
+        self._begun += 1
         count = 0
         for i, raw in enumerate(self._batches):
             yield _validate(raw, i, self.device)
             count += 1
-        if count == 0 and self._passes > 0 and iter(self._batches) is self._batches:
+        if count == 0 and self._passes > 0 and one_shot:
             raise CurvkitValueError(
                 f"data is a one-shot iterator ({type(self._batches).__name__}) that an earlier "
                 "pass used up; curvkit makes several passes (structured fits, products, "
