@@ -462,6 +462,40 @@ def test_a_loader_whose_data_changed_is_refused_and_a_reshuffled_one_is_not():
         H.gradient()
 
 
+@pytest.mark.parametrize("change", ["flip", "repair", "swap_samples"])
+@pytest.mark.parametrize("kind", ["ggn", "ef", "fisher"])
+def test_a_loader_that_rearranges_within_samples_is_refused(kind, change):
+    """The data print summed a hash per element: a flip within each sample (random flip
+    augmentation) or targets re-paired with other inputs left it unchanged, and products of
+    one operator differed by 0.5-1.1 between passes, silently. Samples in another order are
+    the same data."""
+    model, (x, y), loss, _, _ = CASES["tanh_ce_mean"]
+    passes = []
+
+    class Loader:
+        def __iter__(self):
+            passes.append(None)
+            xs, ys = x, y
+            if len(passes) > 1 and change == "flip":
+                xs = x.flip(-1)
+            elif len(passes) > 1 and change == "repair":
+                ys = y.roll(1)
+            elif len(passes) > 1:
+                xs, ys = x.roll(1, 0), y.roll(1, 0)
+            yield xs[:3], ys[:3]
+            yield xs[3:], ys[3:]
+
+    extra = {"generator": torch.Generator().manual_seed(0)} if kind == "fisher" else {}
+    op = getattr(ck, kind)(model, loss, Loader(), structure="operator", **extra)
+    v = torch.randn(op.shape[0], dtype=DT)
+    op @ v
+    if change == "swap_samples" and kind != "fisher":  # the Fisher's draws belong to rows
+        op @ v
+        return
+    with pytest.raises(ck.CurvkitValueError, match="data changed|other data"):
+        op @ v
+
+
 def test_every_query_of_a_stale_hessian_operator_is_refused():
     """Products refused after a change while diagonal(), to_dense() and trace() answered for
     the new model: one operator must be one matrix."""

@@ -99,29 +99,40 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 32)
 
 
-def fingerprint(t: torch.Tensor, ordered: bool = False) -> int:
-    """A 64-bit sum over t's elements of a hash of each one's bits: moved by any edit, a sign
-    flip or two swapped values included (a plain sum of the bits misses both). Unordered, it
-    does not depend on the order of t's rows, so the sum over a loader's batches is the same
-    for the same samples in any order or split; ``ordered`` hashes each row with its position
-    too, for state kept per row."""
+def _sample_hashes(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64: a hash of each of t's n rows from every element's bits and its place in the
+    row (a sum of element hashes alone misses a flip or a permutation within a row)."""
     flat = t.detach()
     if flat.is_complex():
         flat = torch.view_as_real(flat)
     flat = flat.contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    x = _mix(flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64))
-    if ordered and t.dim() >= 1 and t.shape[0] > 1:
-        rows = x.view(t.shape[0], -1).sum(1)
-        x = _mix(rows + torch.arange(t.shape[0], device=rows.device) * _MIX)
-    return int(x.sum()) % 2**64
+    x = _mix(flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)).view(n, -1)
+    return _mix(x + torch.arange(x.shape[1], device=x.device) * _MIX).sum(1)
 
 
 def data_print(batch: Batch, ordered: bool = False) -> int:
-    """The batch's inputs and targets as one integer mod 2⁶⁴ (see :func:`fingerprint`)."""
-    tensors = [*_tensors(batch.inputs), batch.targets]
-    return sum(fingerprint(t, ordered) for t in tensors) % 2**64
+    """The batch as one integer mod 2⁶⁴: the sum over its samples of a hash of each sample
+    whole (every element, its place in the sample, and which inputs go with which targets), so
+    it moves with any edit, a flip within a sample or re-paired targets, yet not with the
+    samples' order: the sum over a loader's batches is the same for the same samples in any
+    order or split. ``ordered`` hashes each sample with its position too, for state kept per
+    row. Tensors without the batch's leading size (shared inputs) count whole."""
+    n = batch.size
+    per = torch.zeros(n, dtype=torch.int64, device=batch.targets.device)
+    shared = 0
+    for k, t in enumerate([*_tensors(batch.inputs), batch.targets], start=1):
+        if t.numel() == 0:
+            continue
+        if t.dim() >= 1 and t.shape[0] == n:
+            per = per + _mix(_sample_hashes(t, n).to(per.device) + k)
+        else:
+            shared += int(_sample_hashes(t, 1)) + k
+    rows = _mix(per)
+    if ordered:
+        rows = _mix(rows + torch.arange(n, device=rows.device) * _MIX)
+    return (int(rows.sum()) + shared) % 2**64
 
 
 class Kept(NamedTuple):
