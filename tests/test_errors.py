@@ -89,6 +89,55 @@ def test_float64_data_for_a_float32_model(structure):
     assert "float32" in str(err) and "x.to(torch.float32)" in str(err), str(err)
 
 
+def test_integer_inputs_get_advice_that_works():
+    """uint8 token ids into an Embedding were told to cast the model to uint8."""
+    y = torch.randint(0, 3, (6,))
+    emb = nn.Sequential(nn.Embedding(11, 4), nn.Flatten(), nn.Linear(20, 3)).to(DT)
+    tok = torch.randint(0, 11, (6, 5), dtype=torch.uint8)
+    err = expect_error(ValueError, ("uint8",), lambda: ck.ggn(emb, nn.CrossEntropyLoss(), (tok, y)))
+    assert "x.long()" in str(err) and "model.to" not in str(err), str(err)
+    lin = nn.Sequential(nn.Linear(5, 3)).to(DT)
+    feats = torch.randint(0, 11, (6, 5))
+    err = expect_error(
+        ValueError, ("int64",), lambda: ck.ggn(lin, nn.CrossEntropyLoss(), (feats, y))
+    )
+    assert "x.to(torch.float64)" in str(err) and "model.to" not in str(err), str(err)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.BCEWithLogitsLoss(), nn.BCELoss()])
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "ef"])
+def test_bool_targets_of_a_binary_cross_entropy(kind, loss_fn):
+    """torch's BCE losses reject bool targets; ck.ggn took them, ck.hessian and ck.ef raised a
+    raw 'Subtraction ... with two bool tensors'."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Sigmoid()).to(DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 3) > 0.5
+    err = expect_error(
+        ValueError, ("floating-point targets",), lambda: getattr(ck, kind)(model, loss_fn, (x, y))
+    )
+    assert "y.float()" in str(err), str(err)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "ef"])
+@pytest.mark.parametrize("structure", ["dense", "operator", "diag", "kron"])
+def test_float64_targets_of_a_float32_model(kind, structure):
+    """torch's MSELoss promotes float64 targets of a float32 model; ck.ef (every structure) and
+    Hessian operators raised raw dtype errors. Targets are taken in the model's dtype."""
+    if kind == "hessian" and structure == "kron":
+        return
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(10, 4), torch.randn(10, 3, dtype=torch.float64)
+    run = lambda t: getattr(ck, kind)(model, nn.MSELoss(), (x, t), structure=structure)  # noqa: E731
+    got, want = run(y), run(y.float())
+    if structure == "operator":
+        v = torch.randn(got.shape[0])
+        got, want = got @ v, want @ v
+    elif structure != "dense":
+        got, want = got.to_dense(), want.to_dense()
+    assert got.dtype == torch.float32
+    assert_close(got, want, rtol=1e-6)
+
+
 def test_a_model_that_casts_its_own_inputs_is_not_refused():
     """Inputs of another dtype are fine when forward() casts them: only a failing forward pass
     is explained by the mismatch."""

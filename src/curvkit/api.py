@@ -178,7 +178,7 @@ def _curvature(
     if output_fn is not None and not callable(output_fn):
         raise CurvkitTypeError("output_fn must be a callable taking the model's raw output.")
     loss = as_loss(loss_fn, reduction)
-    source = DataSource(data, ref.device)
+    source = DataSource(data, ref.device, ref.dtype if ref.is_floating_point() else None)
     problem = Problem(
         model,
         layout,

@@ -66,7 +66,7 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return out
 
 
-def _validate(raw: Any, index: int, device: torch.device) -> Batch:
+def _validate(raw: Any, index: int, device: torch.device, dtype: torch.dtype | None) -> Batch:
     where = "data" if index < 0 else f"batch {index} of data"
     if isinstance(raw, torch.Tensor):
         raise CurvkitTypeError(
@@ -120,14 +120,19 @@ def _validate(raw: Any, index: int, device: torch.device) -> Batch:
             "inputs and targets must share the sample dimension."
         )
     move = lambda t: t.to(device)  # noqa: E731
+    if dtype is not None and targets.is_floating_point():
+        # the curvature is computed in the parameters' dtype; torch's losses promote float64
+        # targets of a float32 model, curvkit's closed forms and products would mix them
+        targets = targets.to(dtype)
     return Batch(_map_tensors(inputs, move), targets.to(device), n)
 
 
 class DataSource:
     """A re-iterable stream of validated batches."""
 
-    def __init__(self, data: Any, device: torch.device):
-        self.device = device
+    def __init__(self, data: Any, device: torch.device, dtype: torch.dtype | None = None):
+        """``dtype``: the parameters' floating dtype, which floating targets are cast to."""
+        self.device, self.dtype = device, dtype
         self._cached: Batch | None = None
         self._passes = 0  # complete passes over the data
         self._begun = 0  # passes started
@@ -136,7 +141,7 @@ class DataSource:
         )
         if _is_single_batch(data) or looks_like_one_batch:
             if not _is_single_batch(data):
-                _validate(data, -1, device)  # a malformed batch: raises the precise error
+                _validate(data, -1, device, dtype)  # a malformed batch: the precise error
             self.single = True
             self._batches: Iterable[Any] = [data]
         elif isinstance(data, Iterable) and not isinstance(data, str | bytes | Mapping):
@@ -151,7 +156,7 @@ class DataSource:
     def __iter__(self):
         if self.single:  # validated once; the same Batch (and the engine's notes on it) reused
             if self._cached is None:
-                self._cached = _validate(self._batches[0], -1, self.device)
+                self._cached = _validate(self._batches[0], -1, self.device, self.dtype)
             yield self._cached
             return
         one_shot = iter(self._batches) is self._batches
@@ -166,7 +171,7 @@ class DataSource:
         self._begun += 1
         count = 0
         for i, raw in enumerate(self._batches):
-            yield _validate(raw, i, self.device)
+            yield _validate(raw, i, self.device, self.dtype)
             count += 1
         if count == 0 and self._passes > 0 and one_shot:
             raise CurvkitValueError(
@@ -269,9 +274,19 @@ def _dtype_mismatch(model: nn.Module, inputs: Any, e: RuntimeError) -> Exception
         return None
     short = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     ours_s, theirs_s = sorted(map(short, ours)), sorted(map(short, theirs))
+    if "indices" in str(e):  # an embedding's lookup: token ids must be int64 or int32
+        advice = "Pass token ids as int64: x.long()."
+    elif not any(d.is_floating_point for d in theirs):  # integer features, or ids
+        advice = (
+            f"Cast integer features to the model's dtype (x.to(torch.{ours_s[0]})); token ids "
+            "for an embedding as int64 (x.long())."
+        )
+    else:
+        advice = (
+            f"Cast the inputs (x.to(torch.{ours_s[0]})) or the model "
+            f"(model.to(torch.{theirs_s[0]})) so they match."
+        )
     return CurvkitValueError(
         f"the model's parameters are {', '.join(ours_s)} but the data's inputs are "
-        f"{', '.join(theirs_s)}, and the forward pass failed ({str(e).splitlines()[0]}). Cast "
-        f"the inputs (x.to(torch.{ours_s[0]})) or the model (model.to(torch.{theirs_s[0]})) so "
-        "they match."
+        f"{', '.join(theirs_s)}, and the forward pass failed ({str(e).splitlines()[0]}). " + advice
     )

@@ -266,6 +266,14 @@ def _check_same_shape(name: str, out: torch.Tensor, tgt: torch.Tensor) -> None:
         )
 
 
+def _check_float_targets(name: str, tgt: torch.Tensor) -> None:
+    if not tgt.is_floating_point():
+        raise CurvkitValueError(
+            f"{name} needs floating-point targets (probabilities in [0, 1]), as torch's loss "
+            f"does; got {tgt.dtype}. Pass y.float()."
+        )
+
+
 class CrossEntropy(Loss):
     name = "CrossEntropyLoss"
 
@@ -497,6 +505,7 @@ class BCEWithLogits(Loss):
 
     def check(self, out, tgt):
         _check_same_shape(self.name, out, tgt)
+        _check_float_targets(self.name, tgt)
         _check_weight(self.name, "weight", self.weight, out)
         _check_weight(self.name, "pos_weight", self.pos_weight, out)
 
@@ -528,6 +537,7 @@ class BCE(Loss):
 
     def check(self, out, tgt):
         _check_same_shape(self.name, out, tgt)
+        _check_float_targets(self.name, tgt)
         _check_weight(self.name, "weight", self.weight, out)
 
     def _closed_form_hessian(self, out, tgt):
