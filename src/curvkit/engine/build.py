@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CurvkitValueError
 from ..memory import check_bytes
-from ..operators.blocks import DenseBlock, DiagBlock, KronBlock
+from ..operators.blocks import DenseBlock, DiagBlock, KronBlock, eigh
 from ..operators.structured import BlockDiagonalOperator
 from . import structured as red
 from .pairs import backprop, fallback_rows
@@ -119,7 +119,7 @@ def build(problem: Problem, structure: str, kfac_mode: str = "expand") -> BlockD
         bases = {}
         for l in layers:
             B, A, count = stats[id(l)]
-            bases[id(l)] = (torch.linalg.eigh(B)[1], torch.linalg.eigh(A)[1])
+            bases[id(l)] = (eigh(B)[1], eigh(A)[1])
         lam = {id(l): red.Ekfac(*bases[id(l)]) for l in layers}
 
         def second(batch, side, chunks):

@@ -11,6 +11,15 @@ from __future__ import annotations
 import torch
 
 
+def eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh``, for float16 / bfloat16 through float32 (torch has no half
+    kernel), the results in M's dtype."""
+    if M.dtype in (torch.float16, torch.bfloat16):
+        vals, vecs = torch.linalg.eigh(M.float())
+        return vals.to(M.dtype), vecs.to(M.dtype)
+    return torch.linalg.eigh(M)
+
+
 class Block:
     size: int
     exact_eigenvalues = False  # computed by eigh, so exact only to rounding of the largest
@@ -55,8 +64,8 @@ class KronBlock(Block):
     def _eig(self) -> KronBlock:
         if self.lam is None:
             B, A = self.factors
-            lb, UB = torch.linalg.eigh(B)
-            la, UA = torch.linalg.eigh(A)
+            lb, UB = eigh(B)
+            la, UA = eigh(A)
             self.UB, self.UA = UB.contiguous(), UA.contiguous()
             self.lam = lb[:, None] * la[None, :]
         return self
@@ -122,7 +131,7 @@ class DenseBlock(Block):
 
     def _eigh(self):
         if self._eig is None:
-            self._eig = torch.linalg.eigh(self.M)
+            self._eig = eigh(self.M)
         return self._eig
 
     def matmat(self, X):
