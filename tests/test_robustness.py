@@ -823,3 +823,36 @@ def test_a_zero_dim_parameter_is_one_coordinate(kind, structure):
             if params is None:
                 ref[1:, 0] = ref[0, 1:] = 0
         assert_close(got, ref, rtol=1e-9, what=f"{kind} {structure} params={params}")
+
+
+class _EmptyHead(nn.Module):
+    """An empty head (Linear(2, 0)) and a bare zero-element parameter beside a Linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 2), nn.Linear(2, 0)
+        self.empty = nn.Parameter(torch.zeros(0, 3))
+
+    def forward(self, x):
+        h = self.body(x)
+        return h + self.head(h).sum(1, keepdim=True) + (x @ self.empty.T).sum()
+
+
+@pytest.mark.parametrize("structure", ["dense", "operator", "diag", "block", "kron"])
+def test_parameters_without_elements_have_no_coordinates(structure):
+    """vmap rejected the empty head's tensors (even the dense GGN raised an AssertionError) and
+    the structured diagonal a max() over nothing."""
+    torch.manual_seed(0)
+    model = _EmptyHead().to(DT).eval()
+    x, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
+    mse = nn.MSELoss(reduction="sum")
+    got = ck.ggn(model, mse, (x, y), structure=structure)
+    got = got if isinstance(got, torch.Tensor) else got.to_dense()
+    want = ref_ggn(
+        model, lambda o, t: ((o - t) ** 2).sum(), 1.0, [(x, y)], list(model.body.parameters())
+    )
+    if structure == "diag":
+        want = torch.diag(want.diagonal())
+    assert_close(got, want, rtol=1e-10)
+    with pytest.raises(ck.CurvkitValueError, match="no elements"):
+        ck.ggn(model, mse, (x, y), params=[model.empty, model.head.weight])

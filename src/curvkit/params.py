@@ -100,6 +100,14 @@ def resolve_params(model: nn.Module, params: Iterable[torch.Tensor] | None = Non
             chosen.append((by_id[id(p)], p))
         if not chosen:
             raise CurvkitValueError("params= is empty; pass at least one parameter tensor.")
+    # a parameter with no elements has no coordinates: leaving it out changes no index (and
+    # spares the engine tensors of size 0, which vmap and reductions reject)
+    chosen = [(n, p) for n, p in chosen if p.numel() > 0]
+    if not chosen:
+        raise CurvkitValueError(
+            "the chosen parameters have no elements (every one has a dimension of size 0): "
+            "the curvature would be a 0 x 0 matrix. Choose parameters with entries."
+        )
     offsets, total = [], 0
     for _, p in chosen:
         offsets.append(total)
