@@ -722,6 +722,20 @@ def test_cross_entropy_fisher_draws_from_one_softmax_equal_the_general_path(mc_s
     assert not fast[[2, 7]].any() and fast.abs().sum() > 0
 
 
+def test_nll_fisher_draws_are_the_gradients_at_the_draw():
+    """NLLLoss subclasses the cross-entropy but its gradient w.r.t. the log-probabilities at a
+    draw is -e_y, not p - e_y: it must not take the cross-entropy's one-softmax draws
+    (0.42 off)."""
+    from curvkit.losses import as_loss
+
+    torch.manual_seed(0)
+    out = torch.randn(40, 6, dtype=DT).log_softmax(1)
+    cols = as_loss(nn.NLLLoss(), "mean").fisher_factors(
+        out, torch.randint(0, 6, (40,)), 1, torch.Generator().manual_seed(5)
+    )[:, :, 0]
+    assert ((cols == 0) | (cols == -1)).all() and (cols.sum(1) == -1).all()
+
+
 def test_callable_mean_over_part_of_the_samples_is_refused_on_a_loader():
     """F.cross_entropy's default mean skips ignored targets: a mean, but not over samples. The
     first batch's pair passed the check and the batches were weighted by N_b / N (22% off)."""

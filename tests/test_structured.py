@@ -526,6 +526,63 @@ def test_structures_over_several_batches_equal_one_concatenated_batch(name, stru
     assert_close(split.to_dense(), one.to_dense(), what=f"{name} {structure} {mode} batches")
 
 
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "diag", "block"])
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+def test_a_loader_refilling_one_input_buffer_in_place(structure, kind):
+    """Loaders with pinned staging buffers yield the same tensor object each batch, refilled in
+    place: no accumulator may read a batch's inputs after the batch (the diagonal kept them to
+    the next batch and paired them with its gradients: 0.08-0.2 off)."""
+    c = case("mlp_ce_mean")
+    x, t = c.batches[0]
+    cuts = [0, 3, 6, x.shape[0]]
+    batches = [(x[a:b], t[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+    class Refill:
+        def __iter__(self):
+            buf = torch.empty_like(x)
+            for xb, tb in batches:
+                view = buf[: xb.shape[0]]
+                view.copy_(xb)
+                yield view, tb
+
+    fn = getattr(ck, kind)
+    got = fn(c.model, c.loss_fn, Refill(), structure=structure, progress=False)
+    want = fn(c.model, c.loss_fn, batches, structure=structure, progress=False)
+    assert_close(got.to_dense(), want.to_dense(), what=f"{kind} {structure} refilled buffer")
+
+
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "diag", "block"])
+def test_batches_of_one_loader_may_take_either_route(structure):
+    """A forward with a data-dependent extra op is a chain for some batches and takes the
+    generic route for others; both routes must hand the reductions one form of the inputs
+    (the generic route's augmented rows met the chain's implied ones column: a raw size
+    mismatch)."""
+
+    class Guarded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.act, self.l2 = nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.l1(x)
+            if bool(x[0, 0] > 100):  # an op outside any chain, for this batch only
+                h = h * 1.0
+            return self.l2(self.act(h))
+
+    torch.manual_seed(0)
+    guarded = Guarded().to(DT)
+    plain = nn.Sequential(guarded.l1, guarded.act, guarded.l2)
+    x, t = torch.randn(3, 8, 6, dtype=DT), torch.randint(0, 3, (3, 8))
+    for first in (0, 1):  # the generic route first, then in between
+        xs = x.clone()
+        xs[first, 0, 0] = 200.0
+        data = list(zip(xs, t))
+        loss = nn.CrossEntropyLoss()
+        got = ck.ggn(guarded, loss, data, structure=structure, progress=False)
+        want = ck.ggn(plain, loss, data, structure=structure, progress=False)
+        assert_close(got.to_dense(), want.to_dense(), what=f"{structure}, generic batch {first}")
+
+
 def test_structures_under_a_stack_recording_profiler():
     """``torch.profiler`` with stacks reads every parameter's ``.grad`` while the model runs:
     metadata reads are not uses of a weight, so the rule layers must not change."""

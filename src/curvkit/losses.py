@@ -436,6 +436,10 @@ class NLL(CrossEntropy):
         Loss.__init__(self, module.reduction)
         self.weight, self.ignore_index, self.label_smoothing = module.weight, module.ignore_index, 0
 
+    # ∇ℓ(ỹ) w.r.t. log p is −e_ỹ, not CrossEntropy's p − e_ỹ: the general draws, never its
+    # one-softmax shortcut
+    fisher_factors = Loss.fisher_factors
+
     def sum_loss(self, out, tgt):
         return F.nll_loss(
             out, tgt, weight=self.weight, ignore_index=self.ignore_index, reduction="sum"

@@ -170,6 +170,8 @@ def _reduce_pairs(fw, batch, layers, side, trace, stats: dict):
         s = None if signs is None else signs[:, cols]
         for l, g in zip(layers, grads):
             stats[id(l)].add_columns(g, s)
+    for l in layers:
+        stats[id(l)].end_batch()
     return F, signs
 
 

@@ -103,9 +103,20 @@ class RuleLayer:
         ones (the bias's) is implied after a's columns. A Linear layer's input rows are taken as
         they are, without the copy :meth:`acts` makes to append that column (about 1 ms of a
         14 ms Monte-Carlo KFAC of the digits MLP); any other layer gives its :meth:`acts`."""
-        if self.is_conv or self.is_embedding or not self.use_weight:
+        if not self._plain_rows:
             return self.acts(x), False
         return x.reshape(x.shape[0], -1, self.in_size), self.use_bias
+
+    def inputs_of_acts(self, acts: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """:meth:`inputs` from :meth:`acts`' result, as the generic route captures it: one
+        form for both routes (a loader's batches may take either)."""
+        if self._plain_rows and self.use_bias:
+            return acts[..., :-1], True
+        return acts, False
+
+    @property
+    def _plain_rows(self) -> bool:
+        return not (self.is_conv or self.is_embedding or not self.use_weight)
 
     def natural_order(self) -> torch.Tensor | None:
         """The permutation p of the A columns of :meth:`acts` into the parameters' order

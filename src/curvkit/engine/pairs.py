@@ -50,7 +50,8 @@ def backprop(fw: Forward, batch: Batch, layers: list[RuleLayer], side, trace: Tr
     else:
         (grads,) = vmap(pullback)(cots)
     grads = [l.positions_last(g) for l, g in zip(layers, grads)]
-    return [(a, False) for a in acts], F, signs, iter([(slice(0, F.shape[2]), grads)])
+    acts = [l.inputs_of_acts(a) for l, a in zip(layers, acts)]
+    return acts, F, signs, iter([(slice(0, F.shape[2]), grads)])
 
 
 def _chain_parts(calls, layers: list[RuleLayer], F: torch.Tensor, out: torch.Tensor, scratch):

@@ -11,8 +11,10 @@ With Gₙₖ = Σᵣ gₖₙᵣ aₙᵣᵀ the per-sample, per-column gradient o
 
 Each is an accumulator: ``add_inputs(a, ones)`` once per batch (``ones``: a column of ones, the
 bias's, is implied after a's, see ``RuleLayer.inputs``), ``add_columns(g, σ)`` for each chunk
-of the factor's columns (every reduction is a sum over columns k), ``result()`` at the end. All
-are unscaled sums over the data; the caller applies the loss scale s.
+of the factor's columns (every reduction is a sum over columns k), ``end_batch()`` when the
+batch is done (no reference to its tensors is kept past it: a loader may refill them in place),
+``result()`` at the end. All are unscaled sums over the data; the caller applies the loss
+scale s.
 """
 
 from __future__ import annotations
@@ -103,7 +105,14 @@ def _per_sample_sq_sum(out, a, g, signs, scratch: dict) -> None:
             out += G.sum(0)
 
 
-class Kron:
+class Reduction:
+    a: torch.Tensor | None = None
+
+    def end_batch(self) -> None:
+        self.a = None
+
+
+class Kron(Reduction):
     """KFAC factors: B = Σ σ g gᵀ over (k, n[, r]) and A = Σ a aᵀ over (n[, r]), with the shared
     dimension r (R > 1) treated as batch (expand) or summed / averaged first (reduce)."""
 
@@ -157,7 +166,7 @@ class Kron:
         return self.B.result(), A, self.count
 
 
-class Diag:
+class Diag(Reduction):
     """Σₙₖ σ Gₙₖ⊙², (d, A), Gₙₖ the per-sample, per-column gradient of the layer.
 
     With one position (R = 1) Gₙₖ = gₙₖ aₙᵀ, so the sum is (Σₖ σ gₙₖ⊙²)ᵀ (aₙ⊙²): the column
@@ -168,7 +177,6 @@ class Diag:
         self.scratch: dict = {}
 
     def add_inputs(self, a: torch.Tensor, ones: bool = False) -> None:
-        self._flush()
         if ones and a.shape[1] > 1:  # per-sample products over positions take the column
             a, ones = _augmented(a, ones), False
         self.a, self.ones = a, ones
@@ -187,7 +195,7 @@ class Diag:
             gk = g[k, :, 0]
             self.s.addcmul_(gk, gk if signs is None else gk * signs[:, k, None])
 
-    def _flush(self) -> None:
+    def end_batch(self) -> None:
         if self.s is not None:
             if self.ones:  # the ones column's squares are ones: its entries are Σₙ sₙ
                 self.out[:, :-1].addmm_(self.s.T, self.a[:, 0].square())
@@ -195,9 +203,10 @@ class Diag:
             else:
                 self.out.addmm_(self.s.T, self.a[:, 0].square())
             self.s = None
+        super().end_batch()
 
     def result(self):
-        self._flush()
+        self.end_batch()
         return self.out
 
 
@@ -216,7 +225,7 @@ class Ekfac(Diag):
         super().add_columns(g @ self.UB, signs)
 
 
-class Block:
+class Block(Reduction):
     """Σₙₖ σ vec Gₙₖ vec Gₙₖᵀ, (d·A, d·A), row-major vec over (d, A)."""
 
     def __init__(self):
