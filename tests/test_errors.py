@@ -138,6 +138,24 @@ def test_float64_targets_of_a_float32_model(kind, structure):
     assert_close(got, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "ef"])
+def test_an_operator_sees_edits_of_targets_it_cast(kind):
+    """A single batch is validated once and its cast copy reused: an in-place edit of the
+    float64 targets of a float32 model went unseen and the operator answered for the old data
+    (0.84 off a fresh one), while the same edit of float32 targets was refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    for dtype in (torch.float32, torch.float64):
+        y = torch.randn(6, 2, dtype=dtype)
+        op = getattr(ck, kind)(model, nn.MSELoss(), (x, y), structure="operator")
+        v = torch.randn(op.shape[0])
+        op @ v
+        y.mul_(3.0)
+        with pytest.raises(ck.CurvkitValueError, match="changed"):
+            op @ v
+
+
 def test_a_model_that_casts_its_own_inputs_is_not_refused():
     """Inputs of another dtype are fine when forward() casts them: only a failing forward pass
     is explained by the mismatch."""

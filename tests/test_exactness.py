@@ -305,6 +305,34 @@ def test_mc_fisher_operator_refuses_a_reshuffling_loader():
     assert torch.equal(fixed @ v, fixed @ v)
 
 
+@pytest.mark.parametrize("seeded", [True, False])
+def test_mc_fisher_operator_replays_its_draws_without_keeping_them(seeded):
+    """An operator's products over a loader repeat the first pass's draws (those of the dense
+    Fisher from the same generator state) from the generator's state, not from kept (N, C, S)
+    factors of every batch; random numbers drawn between products change nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    model = model.double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
+    data = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    loss = torch.nn.CrossEntropyLoss()
+
+    def gen():
+        return torch.Generator().manual_seed(3) if seeded else None
+
+    torch.manual_seed(7)
+    dense = ck.fisher(model, loss, data, mc_samples=2, generator=gen())
+    torch.manual_seed(7)
+    F = ck.fisher(model, loss, data, mc_samples=2, generator=gen(), structure="operator")
+    eye = torch.eye(F.shape[0], dtype=torch.float64)
+    first = F @ eye
+    torch.rand(100)  # the global generator moves on between products
+    assert_close(first, dense, rtol=1e-12)
+    assert torch.equal(F @ eye, first)
+    kept = F.problem._fisher_cache.values()
+    assert len(kept) == 3 and not any(isinstance(k[1], torch.Tensor) for k in kept)
+
+
 def test_mc_fisher_operator_refuses_a_batch_reordered_in_place():
     """Its factors belong to each batch's rows: the same samples in another order (a full-batch
     loader with shuffle=True) gave another matrix (2.97 off on a scale of 10)."""

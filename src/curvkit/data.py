@@ -32,6 +32,14 @@ class Batch:
     size: int
     probe: Any = None  # set by the engine: (module calls, activation numel) on this batch
     index: int = -1  # position in the data stream, set by the engine
+    given: Any = None  # (inputs, targets) as passed, if kept (see :meth:`tensors_given`)
+
+    def tensors_given(self) -> list[torch.Tensor]:
+        """The batch's tensors as the user holds them, which in-place edits change: a batch
+        reused across passes (data given as one batch) keeps the originals of its moved or
+        cast copies."""
+        inputs, targets = (self.inputs, self.targets) if self.given is None else self.given
+        return [*_tensors(inputs), targets]
 
 
 def _is_inputs(x: Any) -> bool:
@@ -66,7 +74,11 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return out
 
 
-def _validate(raw: Any, index: int, device: torch.device, dtype: torch.dtype | None) -> Batch:
+def _validate(
+    raw: Any, index: int, device: torch.device, dtype: torch.dtype | None, keep: bool = False
+) -> Batch:
+    """The checked batch, its tensors moved to ``device``, floating targets cast to ``dtype``;
+    ``keep``: it also keeps the tensors as given (``Batch.given``)."""
     where = "data" if index < 0 else f"batch {index} of data"
     if isinstance(raw, torch.Tensor):
         raise CurvkitTypeError(
@@ -124,7 +136,8 @@ def _validate(raw: Any, index: int, device: torch.device, dtype: torch.dtype | N
         # the curvature is computed in the parameters' dtype; torch's losses promote float64
         # targets of a float32 model, curvkit's closed forms and products would mix them
         targets = targets.to(dtype)
-    return Batch(_map_tensors(inputs, move), targets.to(device), n)
+    given = (inputs, raw[1]) if keep else None
+    return Batch(_map_tensors(inputs, move), targets.to(device), n, given=given)
 
 
 class DataSource:
@@ -156,7 +169,7 @@ class DataSource:
     def __iter__(self):
         if self.single:  # validated once; the same Batch (and the engine's notes on it) reused
             if self._cached is None:
-                self._cached = _validate(self._batches[0], -1, self.device, self.dtype)
+                self._cached = _validate(self._batches[0], -1, self.device, self.dtype, True)
             yield self._cached
             return
         one_shot = iter(self._batches) is self._batches

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +24,7 @@ from ..params import ParamLayout
 from . import dense as _dense
 from .forward import Forward
 from .hvp import chain_hessian_product
-from .products import Kept, batch_gradient, cached_hessian_product, data_print
+from .products import Kept, batch_gradient, batch_hashes, cached_hessian_product, data_print
 
 
 class _Lazy:
@@ -68,8 +69,9 @@ class Problem:
         self.memory_limit = memory_limit
         ref = layout.tensors[0]
         self.dtype, self.device = ref.dtype, ref.device
-        # batch index -> (its data_print, the drawn factors), drawn at ``_fisher_params``
-        self._fisher_cache: dict[int, tuple[int, torch.Tensor]] = {}
+        # batch index -> (its ordered data print, (device, generator state) before its draws,
+        # or the draws themselves), drawn at ``_fisher_params``
+        self._fisher_cache: dict[int, tuple[int, Any]] = {}
         self._fisher_params: list[torch.Tensor] | None = None
         self.repeated = False  # set by an operator, whose passes must agree with each other
         self.forward_ad = True  # set False once an op without forward-mode AD is met
@@ -79,6 +81,7 @@ class Problem:
         self._first_print: int | None = None  # the first checked pass's data prints, summed
         self._params_checked = False  # the MC Fisher's parameters compared in this pass
         self._budget: int | None = None
+        self._hashes: tuple[torch.Tensor, int] | None = None  # the visited batch's, see _print
 
     @property
     def P(self) -> int:  # noqa: N802
@@ -109,8 +112,9 @@ class Problem:
         return self.loss.output_matrix(self.kind, out, batch.targets)
 
     def _fisher_factors(self, i: int, batch: Batch, out: torch.Tensor) -> torch.Tensor:
-        """The batch's sampled factors, drawn once so that the operator stays one matrix; drawn
-        again for new parameters (like every other curvature, the products follow the model),
+        """The batch's sampled factors, the same draws on every pass (replayed from the
+        generator's state before the first) so that the operator stays one matrix; new draws
+        for new parameters (like every other curvature, the products follow the model);
         refused for other data at the same batch index (a reshuffling loader, an edit)."""
         if not self.repeated:  # one pass: nothing to keep consistent across passes
             return self.loss.fisher_factors(out, batch.targets, self.mc_samples, self.generator)
@@ -122,7 +126,7 @@ class Problem:
             ):
                 self._fisher_cache.clear()  # new parameters: new draws, like every curvature
                 self._fisher_params = [t.detach().clone() for t in now]
-        data = data_print(batch, ordered=True)  # its factors belong to its rows, in order
+        data = self._print(batch, ordered=True)  # its factors belong to its rows, in order
         cached = self._fisher_cache.get(i)
         if cached is not None and cached[0] != data:
             raise CurvkitValueError(
@@ -131,20 +135,32 @@ class Problem:
                 "labels once per batch to stay one matrix: iterate the data in a fixed order, or "
                 "build a new operator after editing it."
             )
-        if cached is None:
-            F = self.loss.fisher_factors(out, batch.targets, self.mc_samples, self.generator)
-            self._fisher_cache[i] = cached = (data, F)
-        return cached[1]
+        draw = partial(self.loss.fisher_factors, out, batch.targets, self.mc_samples)
+        if cached is not None:
+            if isinstance(cached[1], torch.Tensor):
+                return cached[1]
+            replay = torch.Generator(device=cached[1][0])  # the first draw's generator state
+            replay.set_state(cached[1][1])
+            return draw(replay)
+        # Kept is the generator's state before the draw (5 KB on CPU), not the draws: a
+        # Fisher over a large loader would otherwise keep (N, C, S) factors of every batch
+        gen = self.generator if self.generator is not None else _default_generator(out.device)
+        if gen is None:  # a device without a default generator to replay: keep the draws
+            self._fisher_cache[i] = (data, draw(None))
+            return self._fisher_cache[i][1]
+        self._fisher_cache[i] = (data, (gen.device, gen.get_state()))
+        return draw(self.generator)
 
-    def _data_print(self, batch: Batch) -> int:
-        """data_print of a batch of a loader; 0 for data given as one batch, whose tensors the
-        kept state's Watch already compares exactly."""
-        return 0 if self.source.single else data_print(batch)
+    def _print(self, batch: Batch, ordered: bool = False) -> int:
+        """The batch's data print; its hashes made once per visit (``_run`` clears them)."""
+        if self._hashes is None:
+            self._hashes = batch_hashes(batch)
+        return data_print(self._hashes, ordered)
 
     def _pass_print(self, batch: Batch) -> int:
         """What a pass of an operator records of a batch: its data print; for a Hessian over
         one batch 0, since its kept products compare copies of that batch instead."""
-        return self._data_print(batch) if self.kind == "hessian" else data_print(batch)
+        return 0 if self.kind == "hessian" and self.source.single else self._print(batch)
 
     def _check_same_data(self, prints: list[int]) -> None:
         """An operator answers for the data of its first pass (a Hessian's kept state was made
@@ -161,7 +177,9 @@ class Problem:
                 "the data changed after this operator was built (its tensors edited in place, "
                 "or a loader that draws other samples: shuffle=True with drop_last=True, random "
                 "augmentation): its products would mix different matrices. Iterate the same "
-                "samples on every pass, or build a new operator."
+                "samples on every pass, or build a new operator. (An input the model uses whole "
+                "but with the batch's leading size, a (T, T) mask with T = batch size, counts as "
+                "per-sample data, so reshuffling moves it too: keep it in the model as a buffer.)"
             )
 
     def check_kept(self) -> None:
@@ -211,7 +229,7 @@ class Problem:
         prints: list[int] | None = [] if self.repeated else None
         with torch.no_grad():
             for i, batch in self._batches(desc):
-                batch.index = i
+                batch.index, self._hashes = i, None
                 if prints is not None:
                     prints.append(self._pass_print(batch))
                 if lazy:
@@ -347,3 +365,13 @@ class Problem:
             return out.mul_(self._run("product", body, lazy=True))
 
         return self._with_fallback(run)
+
+
+def _default_generator(device: torch.device) -> torch.Generator | None:
+    """The generator torch draws from on ``device`` when given none (None if unknown)."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return None

@@ -18,7 +18,7 @@ import torch
 from torch.func import grad, vjp, vmap
 
 from ..autodiff import hessian_map, linear_map
-from ..data import Batch, _tensors
+from ..data import Batch
 from ..errors import CurvkitValueError
 from .forward import Forward
 
@@ -90,13 +90,21 @@ def gauss_newton_product(
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (the golden ratio)
+# elements hashed per block: 64k int64 (512 KB) ran (256, 3, 64, 64) float32 inputs in about
+# half the time of whole-tensor temporaries on 2 cores
+_HASH_BLOCK = 2**16
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
     """An xor-shift-multiply hash of each int64 (products wrap around: arithmetic mod 2⁶⁴)."""
-    x = (x ^ (x >> 31)) * _MIX
-    x = (x ^ (x >> 29)) * _MIX
-    return x ^ (x >> 32)
+    return _mix_(x.clone())
+
+
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix` in place (a third less time on large tensors than fresh temporaries)."""
+    x.bitwise_xor_(x >> 31).mul_(_MIX)
+    x.bitwise_xor_(x >> 29).mul_(_MIX)
+    return x.bitwise_xor_(x >> 32)
 
 
 def _sample_hashes(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -108,30 +116,43 @@ def _sample_hashes(t: torch.Tensor, n: int) -> torch.Tensor:
     flat = flat.contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    x = _mix(flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)).view(n, -1)
-    return _mix(x + torch.arange(x.shape[1], device=x.device) * _MIX).sum(1)
+    x = flat.view(_INT_OF_SIZE[flat.element_size()]).view(n, -1)
+    m = x.shape[1]
+    place = torch.arange(m, device=x.device) * _MIX
+    out = torch.zeros(n, dtype=torch.int64, device=x.device)
+    step = max(1, _HASH_BLOCK // n)  # small blocks stay in cache (no fresh pages per call)
+    for c in range(0, m, step):
+        out += _mix_(x[:, c : c + step] + place[c : c + step]).sum(1)  # int64: bits and place
+    return out
 
 
-def data_print(batch: Batch, ordered: bool = False) -> int:
-    """The batch as one integer mod 2⁶⁴: the sum over its samples of a hash of each sample
-    whole (every element, its place in the sample, and which inputs go with which targets), so
-    it moves with any edit, a flip within a sample or re-paired targets, yet not with the
-    samples' order: the sum over a loader's batches is the same for the same samples in any
-    order or split. ``ordered`` hashes each sample with its position too, for state kept per
-    row. Tensors without the batch's leading size (shared inputs) count whole."""
+def batch_hashes(batch: Batch) -> tuple[torch.Tensor, int]:
+    """(per-sample hashes (N,), the shared tensors' hash): each sample whole, every element
+    with its place in the sample and which inputs go with which targets. Tensors without the
+    batch's leading size (shared inputs) count whole; one with it counts as per-sample data,
+    even if the model uses it whole (a (T, T) mask with T = N)."""
     n = batch.size
     per = torch.zeros(n, dtype=torch.int64, device=batch.targets.device)
     shared = 0
-    for k, t in enumerate([*_tensors(batch.inputs), batch.targets], start=1):
+    for k, t in enumerate(batch.tensors_given(), start=1):
         if t.numel() == 0:
             continue
         if t.dim() >= 1 and t.shape[0] == n:
-            per = per + _mix(_sample_hashes(t, n).to(per.device) + k)
+            per += _mix(_sample_hashes(t, n).to(per.device) + k)
         else:
             shared += int(_sample_hashes(t, 1)) + k
-    rows = _mix(per)
+    return _mix(per), shared
+
+
+def data_print(hashes: tuple[torch.Tensor, int], ordered: bool = False) -> int:
+    """A batch as one integer mod 2⁶⁴ from its :func:`batch_hashes`: their sum over samples, so
+    it moves with any edit, a flip within a sample or re-paired targets, yet not with the
+    samples' order: the sum over a loader's batches is the same for the same samples in any
+    order or split. ``ordered`` hashes each sample with its position too, for state kept per
+    row."""
+    rows, shared = hashes
     if ordered:
-        rows = _mix(rows + torch.arange(n, device=rows.device) * _MIX)
+        rows = _mix(rows + torch.arange(rows.shape[0], device=rows.device) * _MIX)
     return (int(rows.sum()) + shared) % 2**64
 
 
@@ -164,7 +185,7 @@ class Watch:
         chosen = {id(t) for t in fw.layout.tensors}
         frozen = [p for p in fw.model.parameters() if id(p) not in chosen]
         buffers = [b for b in fw.model.buffers() if b.is_floating_point()]
-        seen = [*fw.layout.tensors, *_tensors(batch.inputs), batch.targets, *buffers]
+        seen = [*fw.layout.tensors, *batch.tensors_given(), *buffers]
         return cls(seen, [*frozen, *internal])
 
     def check(self) -> None:
