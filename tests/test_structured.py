@@ -1344,6 +1344,63 @@ def test_scaled_structures_keep_their_algebra(structure):
         )
 
 
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "diag", "block", "lowrank"])
+def test_damping_and_scale_given_as_tensors_carry_their_gradients(structure):
+    """Marginal-likelihood tuning of a prior precision and a temperature differentiates
+    logdet(A / T + exp(p) I) with respect to them: the 0-d tensors were taken as floats and the
+    gradients silently missing (or 2-7x off where part of the expression stayed a tensor)."""
+    c = cases_mlp_ce_mean()
+    op = ck.ggn(c.model, c.loss_fn, c.data, structure=structure, rank=5)
+    D, eye = op.to_dense(), torch.eye(op.shape[0], dtype=DT)
+    b = torch.linspace(-1, 1, op.shape[0], dtype=DT)
+
+    def value(log_prec, temp, dense):
+        if dense:
+            P = D / temp + log_prec.exp() * eye
+            return torch.logdet(P) + b @ torch.linalg.solve(P, b)
+        P = (op / temp).add_identity(log_prec.exp())
+        return P.logdet() + b @ P.solve(b)
+
+    grads = []
+    for dense in (False, True):
+        log_prec = torch.tensor(-0.5, dtype=DT, requires_grad=True)
+        temp = torch.tensor(2.0, dtype=DT, requires_grad=True)
+        grads.append(torch.autograd.grad(value(log_prec, temp, dense), (log_prec, temp)))
+    for got, want, what in zip(grads[0], grads[1], ("d/d log precision", "d/d temperature")):
+        assert_close(got, want, what=f"{structure} {what}")
+
+
+@pytest.mark.parametrize("structure", ["kron", "block"])
+def test_a_scaled_operator_damped_in_a_loop_decomposes_once(structure, monkeypatch):
+    """(N * K).add_identity(delta) over a grid of delta (prior tuning) reused nothing: each
+    damped copy ran eigh on its factors again."""
+    import curvkit.operators.blocks as blocks
+
+    c = cases_mlp_ce_mean()
+    op = ck.ggn(c.model, c.loss_fn, c.data, structure=structure)
+    calls = []
+    real = blocks.eigh
+    monkeypatch.setattr(blocks, "eigh", lambda M: calls.append(1) or real(M))
+    D, eye = op.to_dense(), torch.eye(op.shape[0], dtype=DT)
+    for alpha, delta in ((3.0, 0.1), (-1.0, 100.0), (0.5, 1.0)):
+        got = (op * alpha).add_identity(delta).logdet()
+        assert_close(got, torch.logdet(alpha * D + delta * eye), what=f"{alpha} A + {delta} I")
+    first = len(calls)
+    for delta in (0.2, 2.0):
+        (op * 3.0).add_identity(delta).logdet()
+    assert len(calls) == first > 0, (first, len(calls))
+
+
+@pytest.mark.parametrize("method", ["eigenvalues", "top_eigenpairs"])
+def test_operators_without_a_spectrum_say_how_to_get_one(method):
+    c = cases_mlp_ce_mean()
+    K = ck.ggn(c.model, c.loss_fn, c.data, structure="kron")
+    for op in (K + K, 2 * ck.ggn(c.model, c.loss_fn, c.data, structure="operator")):
+        args = (3,) if method == "top_eigenpairs" else ()
+        with pytest.raises(ck.CurvkitTypeError, match="ck.top_eigenvalues"):
+            getattr(op, method)(*args)
+
+
 def test_operator_arithmetic_checks_its_operands():
     c = cases_mlp_ce_mean()
     K = ck.ggn(c.model, c.loss_fn, c.data, structure="kron")

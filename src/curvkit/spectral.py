@@ -387,7 +387,7 @@ def top_eigenvalues(
         )
     if v0 is not None:  # checked for every operator, also those that do not iterate
         v0 = _checked_start(v0, op)
-    if hasattr(op, "top_eigenpairs"):  # structured: exact from the structure, no iteration
+    if op.has_spectrum:  # structured: exact from the structure, no iteration
         if not eigenvectors:  # no (P, k) eigenvectors to build and drop
             return op.eigenvalues()[:k]
         return op.top_eigenpairs(k)

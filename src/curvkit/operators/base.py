@@ -32,6 +32,7 @@ def check_positive_definite(eigenvalues: torch.Tensor, what: str, exact: bool = 
     damping either way, but the advice differs."""
     if eigenvalues.numel() == 0:
         return
+    eigenvalues = eigenvalues.detach()  # a check, not part of any result
     low = float(eigenvalues.min())
     high = float(eigenvalues.abs().max())
     eps = torch.finfo(eigenvalues.dtype).eps
@@ -56,21 +57,26 @@ def check_positive_definite(eigenvalues: torch.Tensor, what: str, exact: bool = 
     )
 
 
-def _finite_real(x) -> float | None:
-    """x as a float when it is one finite real number (or a 0-d real tensor), else None."""
+def _finite_real(x) -> float | torch.Tensor | None:
+    """x as a float when it is one finite real number (or a 0-d real tensor), else None; a 0-d
+    tensor that requires grad stays itself, so that what is computed from it (a logdet, a
+    solve) differentiates with respect to it (a prior precision tuned by the marginal
+    likelihood)."""
+    tensor = x if isinstance(x, torch.Tensor) and x.requires_grad else None
     if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_complex():
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
         return None
-    return float(x)
+    return float(x) if tensor is None else tensor
 
 
 def _described(x) -> str:
     return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
 
 
-def check_damping(delta) -> float:
-    """δ of ``add_identity(δ)`` as a float: a finite real number (or a 0-d real tensor)."""
+def check_damping(delta) -> float | torch.Tensor:
+    """δ of ``add_identity(δ)`` as a float: a finite real number (or a 0-d real tensor, kept
+    as it is when it requires grad)."""
     value = _finite_real(delta)
     if value is None:
         raise CurvkitValueError(
@@ -81,8 +87,9 @@ def check_damping(delta) -> float:
     return value
 
 
-def check_scale(alpha, what: str = "op * alpha") -> float:
-    """The number of ``op * alpha`` (or ``alpha * op``, ``op / alpha``) as a float."""
+def check_scale(alpha, what: str = "op * alpha") -> float | torch.Tensor:
+    """The number of ``op * alpha`` (or ``alpha * op``, ``op / alpha``) as a float (a 0-d
+    tensor that requires grad: itself)."""
     if isinstance(alpha, LinearOperator):
         raise CurvkitTypeError(
             f"{what}: the product of two operators is not one curvkit keeps (it is not "
@@ -102,6 +109,8 @@ class LinearOperator:
     """A square ``(n, n)`` linear map applied by ``op @ v`` with ``v`` of shape (n,) or (n, k)."""
 
     is_symmetric: bool = True
+    # its eigenvalues and top eigenpairs come from its structure (exact, no iteration)
+    has_spectrum: bool = False
 
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -188,17 +197,29 @@ class LinearOperator:
         return self + other
 
     # -- what only some structures can do ---------------------------------------------------------
-    def _cannot(self, what: str):
+    def _cannot(self, what: str, spectral: bool = False):
+        hint = (
+            " Its top eigenvalues from products: ck.top_eigenvalues(op, k) (and vectors with "
+            "eigenvectors=True)."
+            if spectral
+            else ""
+        )
         raise CurvkitTypeError(
             f"{type(self).__name__} has no {what}: it only applies products (op @ v). The "
             "structures of ck.hessian/ggn/fisher/ef (structure='kron', 'ekfac', 'diag', "
             "'block', 'lowrank') have it, computed from the structure, and a dense matrix "
             "(structure='dense') has torch.linalg; the sum of two operators, or a scaled "
-            "matrix-free one, keeps only products."
+            "matrix-free one, keeps only products." + hint
         )
 
     def add_identity(self, delta: float) -> LinearOperator:
         self._cannot("add_identity")
+
+    def eigenvalues(self) -> torch.Tensor:
+        self._cannot("eigenvalues", spectral=True)
+
+    def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._cannot("top_eigenpairs", spectral=True)
 
     def logdet(self) -> torch.Tensor:
         self._cannot("logdet")

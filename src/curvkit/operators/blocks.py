@@ -49,20 +49,27 @@ class KronBlock(Block):
     Built from factors (KFAC: B ⊗ A), the eigendecomposition waits until an operation needs
     it (logdet, solve, inverse, sampling, damping): products, diagonal and trace use B and A."""
 
-    def __init__(self, UB=None, UA=None, lam=None, *, factors=None):
+    def __init__(self, UB=None, UA=None, lam=None, *, factors=None, scale_of=None):
         # contiguous: torch.kron fails on a mix of row- and column-major (eigh's) inputs
         UB, UA = (None if U is None else U.contiguous() for U in (UB, UA))
         self.UB, self.UA, self.lam, self.factors = UB, UA, lam, factors
         d, A = (factors[0].shape[0], factors[1].shape[0]) if factors is not None else lam.shape
         self.shape2 = (d, A)
         self.size = d * A
+        # (block, α): this block is α times that one, whose eigendecomposition it shares (a
+        # scaled operator damped in a loop decomposes its factors once)
+        self.scale_of = scale_of
 
     @classmethod
     def from_factors(cls, B: torch.Tensor, A: torch.Tensor) -> KronBlock:
         return cls(factors=(B, A))
 
     def _eig(self) -> KronBlock:
-        if self.lam is None:
+        if self.lam is None and self.scale_of is not None:
+            block, alpha = self.scale_of
+            e = block._eig()
+            self.UB, self.UA, self.lam = e.UB, e.UA, alpha * e.lam
+        elif self.lam is None:
             B, A = self.factors
             lb, UB = eigh(B)
             la, UA = eigh(A)
@@ -115,7 +122,7 @@ class KronBlock(Block):
     def scaled(self, alpha):
         if self.factors is not None:
             B, A = self.factors
-            return KronBlock.from_factors(alpha * B, A)
+            return KronBlock(factors=(alpha * B, A), scale_of=(self, alpha))
         return KronBlock(self.UB, self.UA, alpha * self.lam)
 
     def power(self, p):
@@ -124,13 +131,22 @@ class KronBlock(Block):
 
 
 class DenseBlock(Block):
-    def __init__(self, M: torch.Tensor):
+    def __init__(self, M: torch.Tensor, of=None):
         self.M = M
         self.size = M.shape[0]
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (block, α, δ): M = α·block.M + δI, whose eigendecomposition follows from the block's
+        # (a scaled or damped operator in a loop decomposes once)
+        self.of = of
 
     def _eigh(self):
-        if self._eig is None:
+        if self._eig is None and self.of is not None:
+            block, alpha, delta = self.of
+            lam, U = block._eigh()
+            if alpha < 0:  # eigh's ascending order
+                lam, U = lam.flip(0), U.flip(1)
+            self._eig = (alpha * lam + delta, U)
+        elif self._eig is None:
             self._eig = eigh(self.M)
         return self._eig
 
@@ -152,19 +168,11 @@ class DenseBlock(Block):
         return lam[-m:].flip(0), U[:, -m:].flip(1)
 
     def shifted(self, delta):
-        out = DenseBlock(
-            self.M + delta * torch.eye(self.size, dtype=self.M.dtype, device=self.M.device)
-        )
-        if self._eig is not None:
-            out._eig = (self._eig[0] + delta, self._eig[1])
-        return out
+        eye = torch.eye(self.size, dtype=self.M.dtype, device=self.M.device)
+        return DenseBlock(self.M + delta * eye, of=(self, 1.0, delta))
 
     def scaled(self, alpha):
-        out = DenseBlock(alpha * self.M)
-        if self._eig is not None:
-            lam, U = self._eig
-            out._eig = (alpha * lam, U) if alpha >= 0 else ((alpha * lam).flip(0), U.flip(1))
-        return out
+        return DenseBlock(alpha * self.M, of=(self, alpha, 0.0))
 
     def power(self, p):
         lam, U = self._eigh()

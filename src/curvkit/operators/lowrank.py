@@ -12,8 +12,11 @@ from .base import LinearOperator, check_damping, check_positive_definite
 
 
 class LowRankOperator(LinearOperator):
+    has_spectrum = True
+
     def __init__(self, U: torch.Tensor, lam: torch.Tensor, shift: float = 0.0):
-        self.U, self.lam, self.shift = U, lam, float(shift)
+        self.U, self.lam = U, lam
+        self.shift = shift if isinstance(shift, torch.Tensor) else float(shift)  # see check_damping
         P = U.shape[0]
         self.shape, self.dtype, self.device = (P, P), U.dtype, U.device
 
@@ -40,9 +43,7 @@ class LowRankOperator(LinearOperator):
         return self.lam.numel() == self.shape[0]
 
     def eigenvalues(self) -> torch.Tensor:
-        rest = torch.full(
-            (self.shape[0] - self.lam.numel(),), self.shift, dtype=self.dtype, device=self.device
-        )
+        rest = self.lam.new_ones(self.shape[0] - self.lam.numel()) * self.shift
         return torch.cat([self.lam + self.shift, rest]).sort(descending=True).values
 
     def top_eigenpairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ class LowRankOperator(LinearOperator):
         n_top = min(k, above)  # stored values >= the shift, then the complement, then the rest
         n_rest = min(k - n_top, P - r)
         n_low = k - n_top - n_rest
-        vals = [stored[:n_top], stored.new_full((n_rest,), self.shift)]
+        vals = [stored[:n_top], stored.new_ones(n_rest) * self.shift]
         vecs = [U[:, :n_top], self._complement(n_rest)]
         vals.append(stored[above : above + n_low])
         vecs.append(U[:, above : above + n_low])
@@ -88,12 +89,14 @@ class LowRankOperator(LinearOperator):
         # checked like eigh's values; the shift of the complement is exact.
         check_positive_definite(self.lam + self.shift, what)
         if not self._full:
-            check_positive_definite(self.lam.new_full((1,), self.shift), what, exact=True)
+            check_positive_definite(self.lam.new_ones(1) * self.shift, what, exact=True)
 
     def logdet(self):
         self._check_invertible("logdet")
         P, k = self.shape[0], self.lam.numel()
-        rest = 0.0 if self._full else (P - k) * math.log(self.shift)
+        shift, rest = self.shift, 0.0
+        if not self._full:
+            rest = (P - k) * (shift.log() if isinstance(shift, torch.Tensor) else math.log(shift))
         return (self.lam + self.shift).log().sum() + rest
 
     def _power(self, p: float, V: torch.Tensor, what: str) -> torch.Tensor:

@@ -16,6 +16,8 @@ from .blocks import Block
 class BlockDiagonalOperator(LinearOperator):
     """Σ_b E_b B_b E_bᵀ, where E_b picks coordinates ``index[b]`` (the blocks cover all P)."""
 
+    has_spectrum = True
+
     def __init__(
         self,
         blocks: list[Block],
