@@ -102,6 +102,15 @@ def test_integer_inputs_get_advice_that_works():
         ValueError, ("int64",), lambda: ck.ggn(lin, nn.CrossEntropyLoss(), (feats, y))
     )
     assert "x.to(torch.float64)" in str(err) and "model.to" not in str(err), str(err)
+    conv = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(8, 3))  # uint8 images
+    img = torch.randint(0, 255, (6, 3, 4, 4), dtype=torch.uint8)
+    for structure in ("dense", "diag"):
+        err = expect_error(
+            ValueError,
+            ("uint8",),
+            lambda s=structure: ck.ggn(conv, nn.CrossEntropyLoss(), (img, y), structure=s),
+        )
+        assert "x.to(torch.float32)" in str(err) and "model.to" not in str(err), str(err)
 
 
 @pytest.mark.parametrize("loss_fn", [nn.BCEWithLogitsLoss(), nn.BCELoss()])

@@ -870,3 +870,11 @@ def test_parameters_without_elements_have_no_coordinates(structure):
     assert_close(got, want, rtol=1e-10)
     with pytest.raises(ck.CurvkitValueError, match="no elements"):
         ck.ggn(model, mse, (x, y), params=[model.empty, model.head.weight])
+    slices = ck.parameter_slices(model)  # every parameter named, the empty ones empty
+    assert slices == {
+        "empty": slice(0, 0),  # the module's own parameters come first
+        "body.weight": slice(0, 6),
+        "body.bias": slice(6, 8),
+        "head.weight": slice(8, 8),
+        "head.bias": slice(8, 8),
+    }

@@ -23,15 +23,24 @@ class ParamLayout:
     names: tuple[str, ...]
     tensors: tuple[torch.Tensor, ...]
     offsets: tuple[int, ...]
+    # every chosen name in order, those of parameters without elements too (no coordinates)
+    chosen: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
         return self.offsets[-1] + self.tensors[-1].numel() if self.tensors else 0
 
     def slices(self) -> dict[str, slice]:
-        return {
+        """Each chosen parameter's slice of the flat coordinates; one without elements gets an
+        empty slice where it would be."""
+        own = {
             n: slice(o, o + t.numel()) for n, t, o in zip(self.names, self.tensors, self.offsets)
         }
+        out, at = {}, 0
+        for n in self.chosen or self.names:
+            out[n] = own.get(n, slice(at, at))
+            at = out[n].stop
+        return out
 
     def index_of(self, tensor: torch.Tensor) -> int | None:
         for i, t in enumerate(self.tensors):
@@ -102,6 +111,7 @@ def resolve_params(model: nn.Module, params: Iterable[torch.Tensor] | None = Non
             raise CurvkitValueError("params= is empty; pass at least one parameter tensor.")
     # a parameter with no elements has no coordinates: leaving it out changes no index (and
     # spares the engine tensors of size 0, which vmap and reductions reject)
+    order = tuple(n for n, _ in chosen)
     chosen = [(n, p) for n, p in chosen if p.numel() > 0]
     if not chosen:
         raise CurvkitValueError(
@@ -116,6 +126,7 @@ def resolve_params(model: nn.Module, params: Iterable[torch.Tensor] | None = Non
         names=tuple(n for n, _ in chosen),
         tensors=tuple(p for _, p in chosen),
         offsets=tuple(offsets),
+        chosen=order,
     )
 
 
