@@ -280,13 +280,24 @@ def test_empty_data():
 
 
 def test_one_shot_iterator_used_up_by_an_earlier_pass():
+    """An operator over a generator was built, gave one product, then failed on the next."""
     x, y = _regression_batch()
-    batches = ((x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2))
-    G = ck.ggn(_mlp(), nn.MSELoss(), batches, structure="operator")
-    v = torch.randn(G.shape[0], dtype=DT)
-    G @ v  # the first pass consumes the generator
-    err = expect_error(ValueError, ("one-shot",), lambda: G @ v)
-    assert "used up" in str(err), err
+
+    def batches():
+        return ((x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2))
+
+    err = expect_error(
+        ValueError,
+        ("one-shot", "every product"),
+        lambda: ck.ggn(_mlp(), nn.MSELoss(), batches(), structure="operator"),
+    )
+    assert "list of batches or a DataLoader" in str(err), err
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+    expect_error(  # two passes: the second finds nothing left
+        ValueError,
+        ("one-shot", "used up"),
+        lambda: ck.ggn(model, nn.MSELoss(), batches(), structure="ekfac"),
+    )
 
 
 class _HuberActivation(nn.Module):

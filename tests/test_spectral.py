@@ -501,7 +501,15 @@ def test_plot_spectral_density_writes_a_png(tmp_path):
     A = dense("ggn")
     x, dens = ck.spectral_density(A, num_probes=2, steps=30, generator=_gen(16))
     path = tmp_path / "density.png"
-    out = ck.plot_spectral_density(x, dens, str(path))
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # the user's choice: the PNG must not switch it (it set Agg)
+    try:
+        out = ck.plot_spectral_density(x, dens, str(path))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
     assert str(out) == str(path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

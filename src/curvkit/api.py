@@ -192,6 +192,12 @@ def _curvature(
         memory_limit=memory_limit,
     )
     if structure == "operator":
+        if source.one_shot:
+            raise CurvkitValueError(
+                f"data is a one-shot iterator ({type(data).__name__}), but structure='operator' "
+                "makes a pass over the data for every product. Pass something it can iterate "
+                "again: a list of batches or a DataLoader."
+            )
         return CurvatureOperator(problem, kind)
     if structure == "lowrank":
         # Lanczos draws its start vectors from a copy of the generator: the MC Fisher's labels,

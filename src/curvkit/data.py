@@ -163,6 +163,11 @@ class DataSource:
         else:
             raise CurvkitTypeError(f"data is a {type(data).__name__}. " + _PAIR_HELP)
 
+    @property
+    def one_shot(self) -> bool:
+        """Whether the data is an iterator that a pass uses up (a generator)."""
+        return not self.single and iter(self._batches) is self._batches
+
     def __len__(self) -> int:
         return len(self._batches)  # type: ignore[arg-type]
 
@@ -172,7 +177,7 @@ class DataSource:
                 self._cached = _validate(self._batches[0], -1, self.device, self.dtype, True)
             yield self._cached
             return
-        one_shot = iter(self._batches) is self._batches
+        one_shot = self.one_shot
         if one_shot and self._begun > self._passes:
             raise CurvkitValueError(
                 f"data is a one-shot iterator ({type(self._batches).__name__}), and a pass over "
@@ -187,6 +192,7 @@ class DataSource:
             yield _validate(raw, i, self.device, self.dtype)
             count += 1
         if count == 0 and self._passes > 0 and one_shot:
+            self._begun -= 1  # nothing was read: not a pass that stopped partway
             raise CurvkitValueError(
                 f"data is a one-shot iterator ({type(self._batches).__name__}) that an earlier "
                 "pass used up; curvkit makes several passes (structured fits, products, "

@@ -83,8 +83,9 @@ def _check_precision(dtype: torch.dtype) -> None:
     if dtype in (torch.float16, torch.bfloat16):
         raise CurvkitTypeError(
             f"the spectral tools need float32 or float64, got {dtype} (no eigh kernel, and "
-            "3-4 significant digits). Upcast it yourself: pass A.float() (or A.double()), or "
-            "build the operator from a float32 model."
+            "3-4 significant digits). Upcast it yourself: a tensor as A.float() (or "
+            "A.double()); an operator by building it from a float32 copy of the model "
+            "(copy.deepcopy(model).float()). structure='lowrank' runs these tools too."
         )
     if dtype not in (torch.float32, torch.float64):
         raise CurvkitTypeError(
@@ -648,14 +649,12 @@ def plot_spectral_density(
 ) -> str:
     """Save a PNG of a density from ``spectral_density`` (tensors or arrays; needs matplotlib:
     curvkit[plot])."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own, without pyplot: the process's backend stays the user's
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plotting needs matplotlib: pip install 'curvkit[plot]'.") from e
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     y = torch.as_tensor(density).detach().cpu().numpy()
     ax.plot(torch.as_tensor(x).detach().cpu().numpy(), y)
     if log:
@@ -667,5 +666,4 @@ def plot_spectral_density(
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
