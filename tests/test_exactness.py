@@ -313,8 +313,10 @@ def test_mc_fisher_operator_replays_its_draws_without_keeping_them(seeded):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     model = model.double()
-    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
-    data = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    # batches of 400: their draws (400 x 3 x 2 float64, 19 KB) outweigh a generator state
+    # (5 KB), which is kept instead; smaller draws are kept as they are
+    x, y = torch.randn(1200, 3, dtype=torch.float64), torch.randint(0, 3, (1200,))
+    data = [(x[i : i + 400], y[i : i + 400]) for i in range(0, 1200, 400)]
     loss = torch.nn.CrossEntropyLoss()
 
     def gen():

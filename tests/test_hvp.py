@@ -496,6 +496,36 @@ def test_a_loader_that_rearranges_within_samples_is_refused(kind, change):
         op @ v
 
 
+def test_two_shared_inputs_swapped_between_passes_are_other_data():
+    """Inputs the model takes whole (no batch dimension) counted by their hash plus their
+    position, a sum: two of them swapped between passes left the print unchanged."""
+
+    class TwoTables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, a, b):
+            return self.lin(x * a + b)
+
+    torch.manual_seed(0)
+    model = TwoTables().to(DT)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    a, b = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+    passes = []
+
+    class Loader:
+        def __iter__(self):
+            passes.append(None)
+            yield ((x, a, b) if len(passes) == 1 else (x, b, a)), y
+
+    op = ck.ggn(model, nn.MSELoss(), Loader(), structure="operator")
+    v = torch.randn(op.shape[0], dtype=DT)
+    op @ v
+    with pytest.raises(ck.CurvkitValueError, match="data changed"):
+        op @ v
+
+
 def test_every_query_of_a_stale_hessian_operator_is_refused():
     """Products refused after a change while diagonal(), to_dense() and trace() answered for
     the new model: one operator must be one matrix."""

@@ -496,6 +496,21 @@ def test_spectral_density_of_a_structured_operator():
     _check_density(op.to_dense(), x, dens, 5)
 
 
+def test_spectral_tools_build_no_graph_through_a_scale_that_requires_grad():
+    """A scale kept as a tensor (for differentiable logdets) reached the Lanczos loop: a
+    graph through every iteration (twice the memory), a warning per step, and a raw
+    in-place error on backward."""
+    A = dense("ggn")
+    T = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    op = ck.DenseOperator(A) * T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vals = ck.top_eigenvalues(op, 3, generator=_gen(30))
+        tr = ck.estimate_trace(op, 12, generator=_gen(31))
+    assert not vals.requires_grad and not tr.requires_grad
+    assert_close(vals, 2 * torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-6)
+
+
 def test_plot_spectral_density_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     A = dense("ggn")

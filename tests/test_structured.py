@@ -1228,6 +1228,19 @@ def test_operator_arguments_are_checked_with_clear_errors(structure):
     assert_close(op.add_identity(torch.tensor(0.25)).to_dense(), op.add_identity(0.25).to_dense())
 
 
+def test_a_lowrank_operator_takes_one_shift():
+    """A per-coordinate shift given by mistake was kept: products used its first entry,
+    to_dense() all of them, trace() returned a vector and logdet() raised a raw size error."""
+    U = torch.linalg.qr(torch.randn(6, 2, dtype=DT)).Q
+    lam = torch.tensor([2.0, 1.0], dtype=DT)
+    with pytest.raises(ck.CurvkitValueError, match="one number"):
+        ck.LowRankOperator(U, lam, shift=torch.linspace(0.1, 0.6, 6, dtype=DT))
+    op = ck.LowRankOperator(U, lam, shift=torch.tensor(0.5, dtype=DT))
+    D = (U * lam) @ U.T + 0.5 * torch.eye(6, dtype=DT)
+    assert_close(op.logdet(), torch.logdet(D), what="0-d tensor shift")
+    assert op.trace().dim() == 0
+
+
 def test_rank_is_checked_by_name():
     c = cases_mlp_ce_mean()
     for rank in (None, 0, 2.5):
@@ -1389,6 +1402,14 @@ def test_a_scaled_operator_damped_in_a_loop_decomposes_once(structure, monkeypat
     for delta in (0.2, 2.0):
         (op * 3.0).add_identity(delta).logdet()
     assert len(calls) == first > 0, (first, len(calls))
+    # copies share the eigendecomposition, not their parents: a long chain is no recursion
+    # (a RecursionError at 1500 steps) and keeps no intermediate alive
+    chained, alpha, delta = op, 1.0, 0.0
+    for _ in range(1500):
+        chained = chained * 1.001 if structure == "kron" else chained.add_identity(1e-4)
+        alpha, delta = (alpha * 1.001, delta) if structure == "kron" else (alpha, delta + 1e-4)
+    got = chained.add_identity(1.0).logdet()
+    assert_close(got, torch.logdet(alpha * D + (delta + 1.0) * eye), what="chain")
 
 
 @pytest.mark.parametrize("method", ["eigenvalues", "top_eigenpairs"])

@@ -268,8 +268,8 @@ def call_model(
             if params is None:
                 return model(*args, **kwargs)
             return functional_call(model, dict(params), args, kwargs)
-    except RuntimeError as e:
-        mismatch = _dtype_mismatch(model, inputs, e)
+    except (RuntimeError, NotImplementedError) as e:  # kernels without integer dtypes raise
+        mismatch = _dtype_mismatch(model, inputs, e)  # NotImplementedError ("... for 'Byte'")
         if mismatch is None:
             raise
         raise mismatch from e
@@ -279,16 +279,17 @@ def _is_plain_int(t: torch.Tensor) -> bool:
     return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
-def _dtype_mismatch(model: nn.Module, inputs: Any, e: RuntimeError) -> Exception | None:
+def _dtype_mismatch(model: nn.Module, inputs: Any, e: Exception) -> Exception | None:
     """A clear error for the common failure of float64 data (``torch.from_numpy``) fed to a
     float32 model, which torch reports deep inside the first layer; None for anything else."""
-    if not re.search(r"dtype|scalar type|Input type|Double|Float|Half|BFloat16", str(e)):
+    if not re.search(r"dtype|scalar type|Input type|implemented for|Double|Float|Half", str(e)):
         return None  # another error: torch's own message says more than a guess would
     theirs = {t.dtype for t in _tensors(inputs) if t.is_floating_point()}
     ours = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if not theirs and ours and any(_is_plain_int(t) for t in _tensors(inputs)):
         # (convolutions say "Input type (unsigned char) and bias type (float)")
-        if re.search(r"mat1 and mat2|same dtype|expected .*Float|Long|Input type", str(e)):
+        pattern = r"mat1 and mat2|same dtype|expected .*Float|Long|Input type|implemented for"
+        if re.search(pattern, str(e)):
             theirs = {t.dtype for t in _tensors(inputs)}  # integer features, not token ids
     if not theirs or not ours or theirs <= ours:
         return None

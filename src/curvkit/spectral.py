@@ -306,6 +306,7 @@ def _unseen_weight(H: torch.Tensor, beta: torch.Tensor, start: int, level: float
     return 1.0 / total
 
 
+@torch.no_grad()  # estimates, not differentiated: no graph through the iterations
 def top_eigenvalues(
     op,
     k: int = 1,
@@ -469,6 +470,7 @@ def _warn(message: str) -> None:
     warnings.warn(message, CurvkitWarning, stacklevel=3)  # at top_eigenvalues' caller
 
 
+@torch.no_grad()
 def estimate_trace(
     op,
     num_matvecs: int = 60,
@@ -533,6 +535,7 @@ def _rademacher(op: LinearOperator, m: int, generator) -> torch.Tensor:
     return z.mul_(2).sub_(1).to(op.device)
 
 
+@torch.no_grad()
 def estimate_diagonal(
     op, num_matvecs: int = 60, *, generator: torch.Generator | None = None, block: int = 16
 ) -> torch.Tensor:
@@ -564,6 +567,7 @@ def estimate_diagonal(
     return acc / num_matvecs
 
 
+@torch.no_grad()
 def spectral_density(
     op,
     *,

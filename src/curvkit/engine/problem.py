@@ -142,14 +142,15 @@ class Problem:
             replay = torch.Generator(device=cached[1][0])  # the first draw's generator state
             replay.set_state(cached[1][1])
             return draw(replay)
-        # Kept is the generator's state before the draw (5 KB on CPU), not the draws: a
-        # Fisher over a large loader would otherwise keep (N, C, S) factors of every batch
+        # Kept is the generator's state before the draw (5 KB on CPU), or the draws where
+        # they are smaller: a Fisher over a large loader would otherwise keep (N, C, S)
+        # factors of every batch
         gen = self.generator if self.generator is not None else _default_generator(out.device)
-        if gen is None:  # a device without a default generator to replay: keep the draws
-            self._fisher_cache[i] = (data, draw(None))
-            return self._fisher_cache[i][1]
-        self._fisher_cache[i] = (data, (gen.device, gen.get_state()))
-        return draw(self.generator)
+        state = None if gen is None else gen.get_state()  # None: no generator to replay
+        F = draw(self.generator)
+        small = state is None or F.numel() * F.element_size() <= state.numel()
+        self._fisher_cache[i] = (data, F if small else (gen.device, state))
+        return F
 
     def _print(self, batch: Batch, ordered: bool = False) -> int:
         """The batch's data print; its hashes made once per visit (``_run`` clears them)."""
@@ -158,9 +159,12 @@ class Problem:
         return data_print(self._hashes, ordered)
 
     def _pass_print(self, batch: Batch) -> int:
-        """What a pass of an operator records of a batch: its data print; for a Hessian over
-        one batch 0, since its kept products compare copies of that batch instead."""
-        return 0 if self.kind == "hessian" and self.source.single else self._print(batch)
+        """What a pass of an operator records of a batch (after the batch): its data print;
+        for a Hessian over one batch 0 while its kept products compare copies of that batch
+        instead (or will: products keep their state from their first pass on)."""
+        if self.kind == "hessian" and self.source.single and not self._keep_none:
+            return 0
+        return self._print(batch)
 
     def _check_same_data(self, prints: list[int]) -> None:
         """An operator answers for the data of its first pass (a Hessian's kept state was made
@@ -230,8 +234,6 @@ class Problem:
         with torch.no_grad():
             for i, batch in self._batches(desc):
                 batch.index, self._hashes = i, None
-                if prints is not None:
-                    prints.append(self._pass_print(batch))
                 if lazy:
                     side = partial(self.output_side, i, batch, factor=factor)
                 else:
@@ -246,6 +248,8 @@ class Problem:
                 # after the batch: the loss has seen its output (a mean's denominator may
                 # depend on how targets broadcast against it)
                 total_norm += self.loss.normalizer(batch.targets)
+                if prints is not None:
+                    prints.append(self._pass_print(batch))
         if prints is not None:
             self._check_same_data(prints)
         return self._scale(total_norm)
@@ -324,6 +328,8 @@ class Problem:
             # batches of the first pass with fresh ones of later passes.
             self._kept.clear()
             self._keep_none = True
+            if self.source.single:  # its data print is the check from this pass on
+                self._first_print = None
             return None
         self._kept_bytes += size
         self._kept[i] = kept

@@ -140,7 +140,7 @@ def batch_hashes(batch: Batch) -> tuple[torch.Tensor, int]:
         if t.dim() >= 1 and t.shape[0] == n:
             per += _mix(_sample_hashes(t, n).to(per.device) + k)
         else:
-            shared += int(_sample_hashes(t, 1)) + k
+            shared += int(_mix(_sample_hashes(t, 1) + k))  # mixed: swapped tensors differ
     return _mix(per), shared
 
 

@@ -43,38 +43,44 @@ class Block:
         return self.diagonal().sum()
 
 
+def _times(alpha, x: torch.Tensor) -> torch.Tensor:
+    """α·x, skipping the copy for a plain 1 (a tensor α stays in the graph)."""
+    return x if not isinstance(alpha, torch.Tensor) and alpha == 1 else alpha * x
+
+
 class KronBlock(Block):
-    """(U_B ⊗ U_A) diag(vec λ) (U_B ⊗ U_A)ᵀ with U_B (d, d), U_A (A, A), λ (d, A).
+    """α (B ⊗ A) from factors, or (U_B ⊗ U_A) diag(vec λ) (U_B ⊗ U_A)ᵀ with U_B (d, d), U_A
+    (A, A), λ (d, A).
 
     Built from factors (KFAC: B ⊗ A), the eigendecomposition waits until an operation needs
-    it (logdet, solve, inverse, sampling, damping): products, diagonal and trace use B and A."""
+    it (logdet, solve, inverse, sampling, damping): products, diagonal and trace use B and A.
+    Scaled copies share the factors and their eigendecomposition (``eig``, computed once for
+    all of them: damping a scaled operator over a grid of δ decomposes once), never a
+    reference to the block they came from."""
 
-    def __init__(self, UB=None, UA=None, lam=None, *, factors=None, scale_of=None):
+    def __init__(self, UB=None, UA=None, lam=None, *, factors=None, alpha=1.0, eig=None):
         # contiguous: torch.kron fails on a mix of row- and column-major (eigh's) inputs
         UB, UA = (None if U is None else U.contiguous() for U in (UB, UA))
         self.UB, self.UA, self.lam, self.factors = UB, UA, lam, factors
+        self.alpha = alpha  # with factors: the block is α (B ⊗ A)
+        self.eig = {} if eig is None else eig  # the factors' eigendecompositions, shared
         d, A = (factors[0].shape[0], factors[1].shape[0]) if factors is not None else lam.shape
         self.shape2 = (d, A)
         self.size = d * A
-        # (block, α): this block is α times that one, whose eigendecomposition it shares (a
-        # scaled operator damped in a loop decomposes its factors once)
-        self.scale_of = scale_of
 
     @classmethod
     def from_factors(cls, B: torch.Tensor, A: torch.Tensor) -> KronBlock:
         return cls(factors=(B, A))
 
     def _eig(self) -> KronBlock:
-        if self.lam is None and self.scale_of is not None:
-            block, alpha = self.scale_of
-            e = block._eig()
-            self.UB, self.UA, self.lam = e.UB, e.UA, alpha * e.lam
-        elif self.lam is None:
-            B, A = self.factors
-            lb, UB = eigh(B)
-            la, UA = eigh(A)
-            self.UB, self.UA = UB.contiguous(), UA.contiguous()
-            self.lam = lb[:, None] * la[None, :]
+        if self.lam is None:
+            e = self.eig
+            if not e:
+                B, A = self.factors
+                (lb, UB), (la, UA) = eigh(B), eigh(A)
+                e.update(lb=lb, UB=UB.contiguous(), la=la, UA=UA.contiguous())
+            self.UB, self.UA = e["UB"], e["UA"]
+            self.lam = _times(self.alpha, e["lb"][:, None] * e["la"][None, :])
         return self
 
     def matmat(self, X):
@@ -83,7 +89,7 @@ class KronBlock(Block):
         Y = X.T.reshape(k, d, A)
         if self.factors is not None:
             B, Af = self.factors
-            return (B @ Y @ Af).reshape(k, -1).T
+            return _times(self.alpha, B @ Y @ Af).reshape(k, -1).T
         Y = self.UB.T @ Y @ self.UA
         Y = self.UB @ (Y * self.lam) @ self.UA.T
         return Y.reshape(k, -1).T
@@ -91,12 +97,12 @@ class KronBlock(Block):
     def diagonal(self):
         if self.factors is not None:
             B, A = self.factors
-            return torch.outer(B.diagonal(), A.diagonal()).reshape(-1)
+            return _times(self.alpha, torch.outer(B.diagonal(), A.diagonal()).reshape(-1))
         return (self.UB.square() @ self.lam @ self.UA.square().T).reshape(-1)
 
     def to_dense(self):
         if self.factors is not None:
-            return torch.kron(*self.factors)
+            return _times(self.alpha, torch.kron(*self.factors))
         U = torch.kron(self.UB, self.UA)
         return (U * self.lam.reshape(-1)) @ U.T
 
@@ -105,7 +111,7 @@ class KronBlock(Block):
 
     def trace(self):
         if self.factors is not None:
-            return self.factors[0].trace() * self.factors[1].trace()
+            return _times(self.alpha, self.factors[0].trace() * self.factors[1].trace())
         return self.lam.sum()
 
     def top_eigenpairs(self, k):
@@ -121,8 +127,7 @@ class KronBlock(Block):
 
     def scaled(self, alpha):
         if self.factors is not None:
-            B, A = self.factors
-            return KronBlock(factors=(alpha * B, A), scale_of=(self, alpha))
+            return KronBlock(factors=self.factors, alpha=alpha * self.alpha, eig=self.eig)
         return KronBlock(self.UB, self.UA, alpha * self.lam)
 
     def power(self, p):
@@ -131,33 +136,47 @@ class KronBlock(Block):
 
 
 class DenseBlock(Block):
-    def __init__(self, M: torch.Tensor, of=None):
-        self.M = M
+    """α M + δ I. Scaled and damped copies share M and its eigendecomposition (``eig``,
+    computed once for all of them), never a reference to the block they came from."""
+
+    def __init__(self, M: torch.Tensor, alpha=1.0, delta=0.0, eig=None):
+        self.M, self.alpha, self.delta = M, alpha, delta
         self.size = M.shape[0]
-        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
-        # (block, α, δ): M = α·block.M + δI, whose eigendecomposition follows from the block's
-        # (a scaled or damped operator in a loop decomposes once)
-        self.of = of
+        self.eig = {} if eig is None else eig  # M's eigh: (λ ascending, U)
+
+    @property
+    def _plain(self) -> bool:
+        a, d = self.alpha, self.delta
+        return (
+            not isinstance(a, torch.Tensor) and not isinstance(d, torch.Tensor) and (a, d) == (1, 0)
+        )
+
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        return x if not isinstance(self.delta, torch.Tensor) and self.delta == 0 else x + self.delta
 
     def _eigh(self):
-        if self._eig is None and self.of is not None:
-            block, alpha, delta = self.of
-            lam, U = block._eigh()
-            if alpha < 0:  # eigh's ascending order
-                lam, U = lam.flip(0), U.flip(1)
-            self._eig = (alpha * lam + delta, U)
-        elif self._eig is None:
-            self._eig = eigh(self.M)
-        return self._eig
+        if not self.eig:
+            self.eig["lam"], self.eig["U"] = eigh(self.M)
+        lam, U = self.eig["lam"], self.eig["U"]
+        if self._plain:
+            return lam, U
+        if self.alpha < 0:  # keep eigh's ascending order
+            lam, U = lam.flip(0), U.flip(1)
+        return self._shift(_times(self.alpha, lam)), U
 
     def matmat(self, X):
-        return self.M @ X
+        out = _times(self.alpha, self.M @ X)
+        zero = not isinstance(self.delta, torch.Tensor) and self.delta == 0
+        return out if zero else out + self.delta * X
 
     def diagonal(self):
-        return self.M.diagonal()
+        return self._shift(_times(self.alpha, self.M.diagonal()))
 
     def to_dense(self):
-        return self.M
+        if self._plain:
+            return self.M
+        eye = torch.eye(self.size, dtype=self.M.dtype, device=self.M.device)
+        return _times(self.alpha, self.M) + self.delta * eye
 
     def eigenvalues(self):
         return self._eigh()[0]
@@ -168,20 +187,17 @@ class DenseBlock(Block):
         return lam[-m:].flip(0), U[:, -m:].flip(1)
 
     def shifted(self, delta):
-        eye = torch.eye(self.size, dtype=self.M.dtype, device=self.M.device)
-        return DenseBlock(self.M + delta * eye, of=(self, 1.0, delta))
+        return DenseBlock(self.M, self.alpha, self.delta + delta, self.eig)
 
     def scaled(self, alpha):
-        return DenseBlock(alpha * self.M, of=(self, alpha, 0.0))
+        return DenseBlock(self.M, alpha * self.alpha, alpha * self.delta, self.eig)
 
     def power(self, p):
         lam, U = self._eigh()
         lp = lam.pow(p)
         if p < 0:  # λᵖ descends where λ ascends: keep eigh's ascending order for top_eigenpairs
             lp, U = lp.flip(0), U.flip(1)
-        out = DenseBlock((U * lp) @ U.T)
-        out._eig = (lp, U)
-        return out
+        return DenseBlock((U * lp) @ U.T, eig={"lam": lp, "U": U})
 
 
 class DiagBlock(Block):

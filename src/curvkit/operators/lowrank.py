@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..errors import check_count, check_generator
+from ..errors import CurvkitValueError, check_count, check_generator
 from .base import LinearOperator, check_damping, check_positive_definite
 
 
@@ -16,7 +16,15 @@ class LowRankOperator(LinearOperator):
 
     def __init__(self, U: torch.Tensor, lam: torch.Tensor, shift: float = 0.0):
         self.U, self.lam = U, lam
-        self.shift = shift if isinstance(shift, torch.Tensor) else float(shift)  # see check_damping
+        if isinstance(shift, torch.Tensor) and shift.dim() != 0:
+            raise CurvkitValueError(
+                f"LowRankOperator's shift is one number, the same on every coordinate (damping "
+                f"or an isotropic prior precision), got a tensor of shape {tuple(shift.shape)}. "
+                "A per-coordinate shift does not keep the structure."
+            )
+        # a 0-d tensor that requires grad stays one (see check_damping)
+        keep = isinstance(shift, torch.Tensor) and shift.requires_grad
+        self.shift = shift if keep else float(shift)
         P = U.shape[0]
         self.shape, self.dtype, self.device = (P, P), U.dtype, U.device
 
